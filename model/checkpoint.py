@@ -1,0 +1,161 @@
+"""Checkpoint format: a directory with `weights.safetensors` and `manifest.json`.
+
+safetensors holds raw tensors and a JSON header only, so loading executes no
+code (unlike pickle-based `.pt` files). The manifest says how to rebuild the
+network and preprocess its inputs, and carries the weights' sha256 so that a
+truncated or tampered file is caught before it is used.
+
+Write order: weights first, then the manifest, each atomically. A crash
+between the two leaves a manifest whose hash does not match, which loading
+reports; it never leaves a silently mixed checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+
+from model.atomic import atomic_write_bytes
+from model.config import ModelConfig, Preprocessing
+from model.network import AlexNet
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "weights.safetensors"
+MANIFEST_FILE = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file and the problem."""
+
+
+@dataclass
+class Manifest:
+    model_config: ModelConfig
+    preset: str
+    class_names: list[str]
+    preprocessing: Preprocessing
+    training: dict[str, Any] = field(default_factory=dict)
+    weights_sha256: str = ""
+    format_version: int = FORMAT_VERSION
+    created_at: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "preset": self.preset,
+            "model_config": self.model_config.to_dict(),
+            "class_names": list(self.class_names),
+            "preprocessing": self.preprocessing.to_dict(),
+            "training": self.training,
+            "weights_file": WEIGHTS_FILE,
+            "weights_sha256": self.weights_sha256,
+            "created_at": self.created_at,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Manifest":
+        return cls(
+            model_config=ModelConfig.from_dict(data["model_config"]),
+            preset=str(data["preset"]),
+            class_names=[str(c) for c in data["class_names"]],
+            preprocessing=Preprocessing.from_dict(data["preprocessing"]),
+            training=dict(data.get("training") or {}),
+            weights_sha256=str(data["weights_sha256"]),
+            format_version=int(data["format_version"]),
+            created_at=float(data.get("created_at", 0.0)),
+        )
+
+
+@dataclass
+class Checkpoint:
+    model: AlexNet
+    manifest: Manifest
+    path: Path
+
+
+def save_checkpoint(
+    directory: str | Path,
+    model: AlexNet,
+    class_names: list[str],
+    preprocessing: Preprocessing,
+    preset: str,
+    training: dict[str, Any] | None = None,
+) -> Manifest:
+    directory = Path(directory)
+    if len(class_names) != model.config.num_classes:
+        raise ValueError(f"{len(class_names)} class names for a {model.config.num_classes}-class model")
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
+    weights = safetensors_save(tensors, metadata={"format": "pt", "preset": preset})
+    manifest = Manifest(
+        model_config=model.config,
+        preset=preset,
+        class_names=list(class_names),
+        preprocessing=preprocessing,
+        training=dict(training or {}),
+        weights_sha256=hashlib.sha256(weights).hexdigest(),
+        created_at=time.time(),
+    )
+    atomic_write_bytes(directory / WEIGHTS_FILE, weights)
+    atomic_write_bytes(directory / MANIFEST_FILE, (json.dumps(manifest.to_dict(), indent=2) + "\n").encode())
+    return manifest
+
+
+def read_manifest(directory: str | Path) -> Manifest:
+    path = Path(directory) / MANIFEST_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (is {Path(directory)} a checkpoint directory?)")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    version = data.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {version!r} is not supported (expected {FORMAT_VERSION})")
+    try:
+        manifest = Manifest.from_dict(data)
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: invalid manifest ({type(err).__name__}: {err})") from None
+    if len(manifest.class_names) != manifest.model_config.num_classes:
+        raise CheckpointError(
+            f"{path}: {len(manifest.class_names)} class names for a "
+            f"{manifest.model_config.num_classes}-class model"
+        )
+    return manifest
+
+
+def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
+    """Verify and load a checkpoint. Raises CheckpointError naming the bad file."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    weights_path = directory / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise CheckpointError(f"{weights_path}: missing")
+    blob = weights_path.read_bytes()
+    digest = hashlib.sha256(blob).hexdigest()
+    if digest != manifest.weights_sha256:
+        raise CheckpointError(
+            f"{weights_path}: sha256 {digest[:16]}... does not match the manifest's "
+            f"{manifest.weights_sha256[:16]}... (truncated, tampered or from another checkpoint)"
+        )
+    try:
+        tensors = safetensors_load(blob)
+    except (SafetensorError, ValueError) as err:
+        raise CheckpointError(f"{weights_path}: not a valid safetensors file ({err})") from None
+    model = AlexNet(manifest.model_config)
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{weights_path}: weights do not fit the manifest's model config: {err}") from None
+    model.to(device).eval()
+    return Checkpoint(model=model, manifest=manifest, path=directory)

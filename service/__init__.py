@@ -1,0 +1,1 @@
+"""The BentoML service: HTTP concerns only; tensor work lives in model/."""

@@ -1,0 +1,50 @@
+"""Shared helpers: run the project's real CLIs in subprocesses, with an isolated model store."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# Small enough for seconds on 2 CPU cores, big enough to learn well above chance (1/12).
+TINY_TRAIN = ["--data", "shapes", "--preset", "small", "--shapes-per-class", "96", "--batch-size", "32"]
+
+
+@pytest.fixture(scope="session")
+def bentoml_home(tmp_path_factory) -> Path:
+    """A private BentoML home so tests never touch the user's model store."""
+    return tmp_path_factory.mktemp("bentoml_home")
+
+
+@pytest.fixture(scope="session")
+def cli_env(bentoml_home) -> dict[str, str]:
+    env = dict(os.environ)
+    env["BENTOML_HOME"] = str(bentoml_home)
+    env["BENTOML_DO_NOT_TRACK"] = "True"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@pytest.fixture(scope="session")
+def run_cli(cli_env):
+    def run(*args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+        result = subprocess.run(
+            [sys.executable, "-m", *args], cwd=ROOT, env=cli_env, capture_output=True, text=True, timeout=timeout
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"{args} exited {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}")
+        return result
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_run(run_cli, tmp_path_factory) -> Path:
+    """A real training run through the CLI, shared by the tests that need a checkpoint."""
+    out = tmp_path_factory.mktemp("tiny_run")
+    run_cli("training", *TINY_TRAIN, "--epochs", "4", "--out", str(out))
+    return out

@@ -1,0 +1,60 @@
+"""Evaluation: top-1/top-5 accuracy, loss, per-class accuracy and the confusion matrix."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from model.preprocess import Normalizer
+from training.data import Split
+
+
+@dataclass
+class EvalResult:
+    top1: float
+    top5: float
+    loss: float
+    confusion: torch.Tensor  # (true class, predicted class) counts
+
+    @property
+    def per_class_accuracy(self) -> list[float]:
+        totals = self.confusion.sum(dim=1).clamp(min=1)
+        return (self.confusion.diag().float() / totals.float()).tolist()
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    split: Split,
+    normalizer: Normalizer,
+    num_classes: int,
+    device: torch.device,
+    batch_size: int = 512,
+    autocast_dtype: torch.dtype | None = None,
+) -> EvalResult:
+    was_training = model.training
+    model.eval()
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    top5_hits, loss_sum = 0, 0.0
+    k = min(5, num_classes)
+    for start in range(0, len(split.labels), batch_size):
+        images = split.images[start : start + batch_size].to(device, non_blocking=True)
+        labels = split.labels[start : start + batch_size].to(device, non_blocking=True)
+        inputs = normalizer(images).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits = model(inputs).float()
+        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        top = logits.topk(k, dim=1).indices
+        top5_hits += (top == labels[:, None]).any(dim=1).sum().item()
+        pairs = labels.cpu() * num_classes + top[:, 0].cpu()
+        confusion += torch.bincount(pairs, minlength=num_classes * num_classes).view(num_classes, num_classes)
+    model.train(was_training)
+    total = max(1, len(split.labels))
+    return EvalResult(
+        top1=confusion.diag().sum().item() / total,
+        top5=top5_hits / total,
+        loss=loss_sum / total,
+        confusion=confusion,
+    )
