@@ -48,3 +48,26 @@ def tiny_run(run_cli, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_run")
     run_cli("training", *TINY_TRAIN, "--epochs", "4", "--out", str(out))
     return out
+
+
+@pytest.fixture(scope="session")
+def registered_model(tiny_run, run_cli) -> str:
+    result = run_cli("training", "register", str(tiny_run))
+    return result.stdout.strip().split()[-1]
+
+
+def start_server(env: dict[str, str], log_dir: Path, **extra_env: str):
+    from tests.server import ServerProcess
+
+    server = ServerProcess({**env, **extra_env}, log_dir / "server.log")
+    server.wait_ready()
+    return server
+
+
+@pytest.fixture(scope="session")
+def server(cli_env, registered_model, tmp_path_factory):
+    """The real service, serving the tiny model from the (private) model store."""
+    log_dir = tmp_path_factory.mktemp("server")
+    server = start_server(cli_env, log_dir, MAX_BODY_BYTES=str(3 * 1024 * 1024), MAX_IMAGES_PER_REQUEST="16")
+    yield server
+    server.stop()

@@ -1,0 +1,63 @@
+"""Service settings, read once from the environment into one typed object.
+
+Batching defaults are fitted to measured forward latency on the 2-core CPU
+this project is developed on (see BENCHMARKS.md): with the default small
+model a batch of 32 takes about 20 ms, with AlexNet-224 about 120 ms. A
+latency budget of 1 s leaves the dispatcher room to build full batches for
+both, and sheds load (503) only when the queue would make a request wait
+longer than that.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from model.store import DEFAULT_TAG
+
+
+def _int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else default
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    model_tag: str = DEFAULT_TAG
+    checkpoint_dir: str | None = None  # a checkpoint directory instead of the model store
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    autocast: str = "bf16"  # bf16 | fp16 | off; GPU only
+    max_batch_size: int = 32
+    max_latency_ms: int = 1000
+    max_images_per_request: int = 64
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    max_feature_map_bytes: int = 8 * 1024 * 1024  # cap on one /feature_maps response
+    max_concurrency: int = 256  # requests in flight per worker before 503
+    request_timeout_s: int = 30
+    retry_after_s: int = 1
+    api_key: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_env(cls) -> "ServiceConfig":
+        return cls(
+            model_tag=os.environ.get("MODEL_TAG") or DEFAULT_TAG,
+            checkpoint_dir=os.environ.get("CHECKPOINT_DIR") or None,
+            device=os.environ.get("DEVICE", "auto"),
+            autocast=os.environ.get("AUTOCAST", "bf16"),
+            max_batch_size=_int("MAX_BATCH_SIZE", cls.max_batch_size),
+            max_latency_ms=_int("MAX_LATENCY_MS", cls.max_latency_ms),
+            max_images_per_request=_int("MAX_IMAGES_PER_REQUEST", cls.max_images_per_request),
+            max_body_bytes=_int("MAX_BODY_BYTES", cls.max_body_bytes),
+            max_image_bytes=_int("MAX_IMAGE_BYTES", cls.max_image_bytes),
+            max_image_pixels=_int("MAX_IMAGE_PIXELS", cls.max_image_pixels),
+            max_feature_map_bytes=_int("MAX_FEATURE_MAP_BYTES", cls.max_feature_map_bytes),
+            max_concurrency=_int("MAX_CONCURRENCY", cls.max_concurrency),
+            request_timeout_s=_int("REQUEST_TIMEOUT_S", cls.request_timeout_s),
+            retry_after_s=_int("RETRY_AFTER_S", cls.retry_after_s),
+            api_key=os.environ.get("API_KEY") or None,
+        )
+
+
+CONFIG = ServiceConfig.from_env()

@@ -1,0 +1,67 @@
+"""Shaping activations into the /feature_maps response: channel choice, PNG grids,
+exact float16 arrays, per-channel statistics."""
+
+from __future__ import annotations
+
+import base64
+
+import torch
+
+from model.summary import LayerInfo
+from model.visualize import encode_png, feature_map_grid
+from service.errors import Refusal
+from service.schemas import ArrayPayload, ChannelStats, LayerFeatureMaps
+
+
+def choose_channels(name: str, activation: torch.Tensor, channels: list[int] | None,
+                    top_channels: int | None) -> list[int]:
+    count = activation.shape[0]
+    if channels is not None:
+        bad = [c for c in channels if not 0 <= c < count]
+        if bad:
+            raise Refusal(422, "channel_out_of_range",
+                          f"layer {name} has channels 0..{count - 1}; out of range: {bad[:10]}")
+        return list(dict.fromkeys(channels))  # keep order, drop repeats
+    if top_channels is not None:
+        # The channels this image excites most: where the layer "sees" something.
+        means = activation.reshape(count, -1).mean(dim=1)
+        return means.topk(min(top_channels, count)).indices.tolist()
+    return list(range(count))
+
+
+def layer_payload(info: LayerInfo, activation: torch.Tensor, chosen: list[int], fmt: str) -> LayerFeatureMaps:
+    selected = activation[chosen]
+    body = LayerFeatureMaps(
+        layer=info.name, type=info.type, shape=list(activation.shape), kernel=info.kernel, stride=info.stride,
+        padding=info.padding, receptive_field=info.receptive_field, jump=info.jump, channels=chosen,
+    )
+    if fmt == "png":
+        maps = selected if selected.ndim == 3 else selected.view(1, 1, -1)  # a vector shows as one strip
+        body.png = base64.b64encode(encode_png(feature_map_grid(maps))).decode()
+    elif fmt == "array":
+        raw = selected.to(torch.float16).contiguous().numpy().astype("<f2").tobytes()
+        body.array = ArrayPayload(shape=list(selected.shape), data=base64.b64encode(raw).decode())
+    else:
+        flat = selected.reshape(len(chosen), -1)
+        body.stats = [
+            ChannelStats(channel=c, mean=float(row.mean()), max=float(row.max()),
+                         zero_fraction=float((row == 0).float().mean()))
+            for c, row in zip(chosen, flat)
+        ]
+    return body
+
+
+def estimated_bytes(activations: dict[str, torch.Tensor], chosen: dict[str, list[int]], fmt: str) -> int:
+    """An upper estimate of the payload before building it, so a request that
+    would blow the response cap is refused without the work."""
+    total = 0
+    for name, activation in activations.items():
+        per_channel = activation[0].numel() if activation.ndim == 3 else 1
+        n = len(chosen[name])
+        if fmt == "array":
+            total += n * per_channel * 2 * 4 // 3 + 64
+        elif fmt == "png":
+            total += n * max(per_channel, 32 * 32) * 3 * 4 // 3 // 2 + 256  # PNG compresses grayscale well
+        else:
+            total += n * 80
+    return total

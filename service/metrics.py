@@ -1,0 +1,66 @@
+"""The service's own Prometheus metrics, served on /metrics beside BentoML's.
+
+Created when the service starts, not at import: BentoML points
+PROMETHEUS_MULTIPROC_DIR at a shared directory inside each worker before it
+builds the service, and prometheus_client must see that to aggregate across
+worker processes. Names follow Prometheus conventions (base units, `_seconds`,
+`_bytes`, `_total`); labels are few and bounded (endpoint, device, reason, and
+the model's class names).
+"""
+
+from __future__ import annotations
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+
+
+class ServiceMetrics:
+    def __init__(self, device: str):
+        import prometheus_client as prom  # imported late on purpose (see module docstring)
+
+        self.device = device
+        self.batch_size = prom.Histogram(
+            "cnn_batch_size", "Images per model forward pass (adaptive batching across requests).",
+            ["device"], buckets=BATCH_BUCKETS,
+        )
+        self.forward_seconds = prom.Histogram(
+            "cnn_model_forward_seconds", "Wall time of one model forward pass.",
+            ["endpoint", "device"], buckets=LATENCY_BUCKETS,
+        )
+        self.preprocess_seconds = prom.Histogram(
+            "cnn_preprocess_seconds", "Decode, resize and crop time per image.",
+            ["endpoint", "device"], buckets=LATENCY_BUCKETS,
+        )
+        self.images = prom.Counter("cnn_images_processed_total", "Images accepted and run through the model.",
+                                   ["endpoint"])
+        self.predictions = prom.Counter("cnn_predictions_total", "Top-1 predictions by class.", ["class_name"])
+        self.confidence = prom.Histogram(
+            "cnn_top1_confidence", "Probability of the top-1 class (a drift signal when it sinks).",
+            buckets=CONFIDENCE_BUCKETS,
+        )
+        self.feature_map_bytes = prom.Counter(
+            "cnn_feature_map_response_bytes_total", "Bytes of feature-map payload returned.", ["format"]
+        )
+        self.refusals = prom.Counter("cnn_refusals_total", "Requests refused, by endpoint and reason.",
+                                     ["endpoint", "reason"])
+        self.model_info = prom.Gauge(
+            "cnn_model_info", "The loaded model (value is always 1).",
+            ["tag", "preset", "sha256", "device", "dtype"], multiprocess_mode="livemax",
+        )
+        self.gpu_allocated = prom.Gauge("cnn_gpu_memory_allocated_bytes", "GPU memory held by tensors.",
+                                        multiprocess_mode="livemax")
+        self.gpu_reserved = prom.Gauge("cnn_gpu_memory_reserved_bytes", "GPU memory reserved by the allocator.",
+                                       multiprocess_mode="livemax")
+
+    def observe_batch(self, size: int, forward_seconds: float) -> None:
+        self.batch_size.labels(self.device).observe(size)
+        self.forward_seconds.labels("batch", self.device).observe(forward_seconds)
+
+    def observe_predictions(self, endpoint: str, top_labels: list[str], top_probabilities: list[float]) -> None:
+        self.images.labels(endpoint).inc(len(top_labels))
+        if endpoint != "classify":
+            return
+        for label, probability in zip(top_labels, top_probabilities):
+            self.predictions.labels(label).inc()
+            self.confidence.observe(probability)

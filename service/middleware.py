@@ -1,0 +1,151 @@
+"""HTTP guards in front of every endpoint: body-size limit, API key, Retry-After.
+
+Pure ASGI, so they run before BentoML parses (and spools to disk) a body.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+
+# Inference and introspection need the key when one is set; health, metrics,
+# the OpenAPI spec and the UI's static files stay open.
+PROTECTED_PREFIXES = ("/classify", "/embed", "/feature_maps", "/model", "/kernels")
+# Multipart fields that must carry uploaded files. BentoML would treat a plain
+# text value in such a field as a URL and download it (server-side request
+# forgery); we refuse that before BentoML sees the form.
+FILE_FIELDS = (b"images", b"image")
+
+
+async def _send_json(send, status: int, body: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:
+    payload = json.dumps(body).encode()
+    await send({
+        "type": "http.response.start",
+        "status": status,
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                    *headers],
+    })
+    await send({"type": "http.response.body", "body": payload})
+
+
+class GuardMiddleware:
+    def __init__(self, app, max_body_bytes: int, api_key: str | None, retry_after_s: int):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.api_key = api_key.encode() if api_key else None
+        self.retry_after = str(retry_after_s).encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        if self.api_key and path.startswith(PROTECTED_PREFIXES) and not self._authorized(scope):
+            return await _send_json(
+                send, 401, {"error": "unauthorized", "detail": "missing or wrong 'Authorization: Bearer <key>'"},
+                [(b"www-authenticate", b"Bearer")],
+            )
+        if scope.get("method") in ("POST", "PUT", "PATCH"):
+            declared = self._content_length(scope)
+            if declared is not None and declared > self.max_body_bytes:
+                return await self._too_large(send, declared)
+            body, too_large = await self._read_body(receive)
+            if too_large:
+                return await self._too_large(send, None)
+            if _text_in_file_field(scope, body):
+                return await _send_json(send, 400, {
+                    "error": "file_field_not_a_file",
+                    "detail": "multipart fields `images`/`image` must be uploaded files; URLs are not fetched",
+                })
+            receive = _replay(body)
+        await self.app(scope, receive, self._with_retry_after(send))
+
+    def _authorized(self, scope) -> bool:
+        for name, value in scope.get("headers", []):
+            if name == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                # compare_digest: the time taken does not reveal how much of the key matched
+                return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)
+        return False
+
+    @staticmethod
+    def _content_length(scope) -> int | None:
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    return int(value)
+                except ValueError:
+                    return None
+        return None
+
+    async def _read_body(self, receive) -> tuple[bytes, bool]:
+        chunks, total = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunk = message.get("body", b"")
+            total += len(chunk)
+            if total > self.max_body_bytes:
+                return b"", True
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks), False
+
+    async def _too_large(self, send, size: int | None) -> None:
+        told = f"{size:,} bytes" if size is not None else "more"
+        await _send_json(send, 413, {
+            "error": "body_too_large",
+            "detail": f"request body is {told}; the limit is {self.max_body_bytes:,} bytes",
+        })
+
+    def _with_retry_after(self, send):
+        async def wrapped(message):
+            if message["type"] == "http.response.start" and message["status"] == 503:
+                headers = list(message.get("headers", []))
+                if not any(name.lower() == b"retry-after" for name, _ in headers):
+                    headers.append((b"retry-after", self.retry_after))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        return wrapped
+
+
+def _multipart_boundary(scope) -> bytes | None:
+    for name, value in scope.get("headers", []):
+        if name == b"content-type" and value.lower().startswith(b"multipart/form-data"):
+            for param in value.split(b";")[1:]:
+                key, _, val = param.strip().partition(b"=")
+                if key.lower() == b"boundary":
+                    return val.strip(b'"')
+    return None
+
+
+def _text_in_file_field(scope, body: bytes) -> bool:
+    """True if a multipart part named like a file field has no filename (a text value)."""
+    boundary = _multipart_boundary(scope)
+    if boundary is None:
+        return False
+    for part in body.split(b"--" + boundary)[1:]:
+        headers = part.split(b"\r\n\r\n", 1)[0].lower()
+        for line in headers.split(b"\r\n"):
+            if line.startswith(b"content-disposition:"):
+                names = [p.strip() for p in line.split(b";")]
+                field = next((p[5:].strip(b'"') for p in names if p.startswith(b"name=")), None)
+                has_file = any(p.startswith((b"filename=", b"filename*=")) for p in names)
+                if field in FILE_FIELDS and not has_file:
+                    return True
+    return False
+
+
+def _replay(body: bytes):
+    sent = False
+
+    async def receive():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return {"type": "http.disconnect"}
+
+    return receive

@@ -1,0 +1,378 @@
+"""The BentoML service: classification, embeddings, feature maps, introspection.
+
+    bentoml serve .            # from the repo root (bentofile.yaml names this class)
+
+Request flow for /classify and /embed:
+  1. the endpoint reads the images (multipart files or base64 JSON) and
+     decodes them in a thread pool -- off the event loop, in parallel;
+  2. it hands the decoded uint8 tensors to the batched forward through
+     BentoML's own adaptive batching: the tensors wait in this process under
+     random tickets, and the endpoint calls the batchable API `forward_batch`
+     with the tickets through an in-process HTTP client on the service's own
+     ASGI app. BentoML's
+     dispatcher merges the tickets of concurrent requests into one batch
+     (up to max_batch_size, within max_latency_ms) and sheds what would miss
+     the latency budget with a 503;
+  3. one forward pass gives probabilities and the fc7 embedding together.
+Only tickets cross the in-process JSON hop, never pixels or pickles.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Annotated
+
+import anyio
+import bentoml
+import httpx
+import torch
+from pydantic import Field
+
+from model.checkpoint import CheckpointError, load_checkpoint
+from model.inference import Predictor, configure_cpu_threads, pick_device
+from model.preprocess import DecodeLimits, ImageRejected, load_image
+from model.summary import layer_table
+from service.config import CONFIG
+from service.errors import Refusal
+from service.feature_maps import choose_channels, estimated_bytes, layer_payload
+from service.introspection import introspection_app
+from service.metrics import ServiceMetrics
+from service.middleware import GuardMiddleware
+from service.schemas import (
+    ClassifyResponse, EmbedResponse, FeatureFormat, FeatureMapsResponse, ImagePrediction, LabelScore, Stage,
+)
+
+def _locate_model() -> tuple[Path, str]:
+    if CONFIG.checkpoint_dir:
+        return Path(CONFIG.checkpoint_dir), f"dir:{Path(CONFIG.checkpoint_dir).name}"
+    from bentoml.exceptions import NotFound
+
+    try:
+        stored = bentoml.models.get(CONFIG.model_tag)
+    except (NotFound, ValueError) as err:
+        raise SystemExit(
+            f"cannot serve: model {CONFIG.model_tag!r} is not in the BentoML model store ({err}). "
+            "Train and register one with `make default-model`, or set CHECKPOINT_DIR."
+        ) from None
+    return Path(stored.path), str(stored.tag)
+
+
+def _load_or_exit(path: Path):
+    try:
+        return load_checkpoint(path)
+    except CheckpointError as err:
+        raise SystemExit(f"cannot serve: the model is missing, corrupt or incomplete: {err}") from None
+
+
+# Checked here, at import, in the process that runs `bentoml serve`: a missing
+# or corrupt model stops start-up with the reason and a non-zero exit. (Failing
+# only inside the worker would make BentoML restart it forever.)
+MODEL_PATH, MODEL_TAG = _locate_model()
+_load_or_exit(MODEL_PATH)
+
+FORWARD_ROUTE = "/internal/forward_batch"
+_WANTS_GPU = CONFIG.device.startswith("cuda") or (CONFIG.device == "auto" and torch.cuda.is_available())
+
+
+@bentoml.asgi_app(introspection_app, path="/")
+@bentoml.service(
+    name="cnn_service",
+    workers=1,  # one process owns the model; torch spreads each forward over every core
+    threads=1,  # batches run one at a time: two concurrent forwards would only fight for cores
+    resources={"gpu": 1} if _WANTS_GPU else {"cpu": str(os.cpu_count() or 1)},
+    traffic={"timeout": CONFIG.request_timeout_s, "max_concurrency": CONFIG.max_concurrency},
+    http={"host": "127.0.0.1"},  # loopback unless --host says otherwise (the container does)
+)
+class CNNService:
+    def __init__(self) -> None:
+        self.ready = False
+        self.config = CONFIG
+        device = pick_device(CONFIG.device)
+        if device.type == "cpu":
+            configure_cpu_threads()
+        self.model_tag = MODEL_TAG
+        checkpoint = _load_or_exit(MODEL_PATH)
+        self.predictor = Predictor(checkpoint, device, CONFIG.autocast)
+        self.manifest = checkpoint.manifest
+        self.layers = {row.name: row for row in layer_table(checkpoint.model)}
+        self.metrics = ServiceMetrics(device.type)
+        self.metrics.model_info.labels(
+            self.model_tag, self.manifest.preset, self.manifest.weights_sha256, device.type, self.predictor.dtype_name
+        ).set(1)
+        self.limits = DecodeLimits(max_bytes=CONFIG.max_image_bytes, max_pixels=CONFIG.max_image_pixels)
+        self._decode_slots = anyio.CapacityLimiter(max(2, os.cpu_count() or 1))
+        self._pending: dict[str, torch.Tensor] = {}
+        self._results: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._client: httpx.AsyncClient | None = None
+        self.warmup_seconds = self.predictor.warm_up((1, min(8, CONFIG.max_batch_size)))
+        self._update_gpu_gauges()
+        self.ready = True
+        print(f"serving {self.model_tag} ({self.manifest.preset}, {len(self.manifest.class_names)} classes) on "
+              f"{device} ({self.predictor.dtype_name}); warm-up {self.warmup_seconds:.2f}s", flush=True)
+
+    def __is_ready__(self) -> bool:
+        return self.ready
+
+    # ----- public endpoints -------------------------------------------------
+
+    @bentoml.api(route="/classify")
+    async def classify(
+        self,
+        images: list[Path] = Field(default_factory=list),  # no `| None`: BentoML's file fields reject unions
+        images_base64: list[str] | None = None,
+        top_k: Annotated[int, Field(ge=1, le=1000)] = 5,
+    ) -> ClassifyResponse:
+        """Top-k classes for each image. Send images as multipart files in the
+        field `images` (repeat it for several), or as JSON
+        `{"images_base64": ["<base64>", ...], "top_k": 5}`. Requests from many
+        clients are batched together on the server."""
+        return await self._guarded("classify", self._classify(images, images_base64, top_k))
+
+    @bentoml.api(route="/embed")
+    async def embed(
+        self,
+        images: list[Path] = Field(default_factory=list),  # no `| None`: BentoML's file fields reject unions
+        images_base64: list[str] | None = None,
+        normalize: bool = True,
+    ) -> EmbedResponse:
+        """The penultimate-layer (fc7) vector of each image, L2-normalized by
+        default: compare images by cosine similarity. Same inputs as /classify."""
+        return await self._guarded("embed", self._embed(images, images_base64, normalize))
+
+    @bentoml.api(route="/feature_maps")
+    async def feature_maps(
+        self,
+        image: Path = Field(default=None),  # not Optional: see `images` above
+        image_base64: str | None = None,
+        layers: list[str] | None = None,
+        channels: list[int] | None = None,
+        top_channels: Annotated[int | None, Field(ge=1, le=4096)] = None,
+        stage: Stage = "post_relu",
+        format: FeatureFormat = "png",
+    ) -> FeatureMapsResponse:
+        """What each layer computes for one image. `layers`: names from GET /model
+        (default: every conv layer). `channels`: explicit channel indices, or
+        `top_channels`: the N channels with the highest mean activation
+        (default: all). `stage`: before or after the ReLU. `format`: `png`
+        (a normalized grid per layer), `array` (exact float16 values, base64,
+        little-endian, C order) or `stats` (mean, max, fraction of zeros per
+        channel). Responses are capped at MAX_FEATURE_MAP_BYTES (8 MiB by
+        default): ask for fewer layers or channels beyond that."""
+        return await self._guarded(
+            "feature_maps", self._feature_maps(image, image_base64, layers, channels, top_channels, stage, format)
+        )
+
+    # ----- the batched forward (internal) -------------------------------------
+
+    @bentoml.api(
+        route=FORWARD_ROUTE,
+        batchable=True,
+        max_batch_size=CONFIG.max_batch_size,
+        max_latency_ms=CONFIG.max_latency_ms,
+    )
+    def forward_batch(self, tickets: list[str]) -> list[str]:
+        """Internal: runs the model on images waiting under these tickets.
+        Unknown tickets are ignored (returned as ""), so a stray caller cannot
+        fail a batch that carries other clients' images."""
+        known = [t for t in tickets if t in self._pending]
+        if known:
+            output = self.predictor.predict(torch.stack([self._pending.pop(t) for t in known]))
+            for i, ticket in enumerate(known):
+                self._results[ticket] = (output.probabilities[i], output.embeddings[i])
+            self.metrics.observe_batch(len(known), output.forward_seconds)
+            self._update_gpu_gauges()
+        return [t if t in self._results else "" for t in tickets]
+
+    # ----- implementation ---------------------------------------------------
+
+    async def _guarded(self, endpoint: str, work):
+        try:
+            return await work
+        except Refusal as refusal:
+            self.metrics.refusals.labels(endpoint, refusal.reason).inc()
+            return refusal.response()
+
+    async def _classify(self, images, images_base64, top_k: int) -> ClassifyResponse:
+        probabilities, _ = await self._run_batched("classify", images, images_base64)
+        k = min(top_k, probabilities.shape[1])
+        top = probabilities.topk(k, dim=1)
+        names = self.manifest.class_names
+        predictions = [
+            ImagePrediction(top_k=[
+                LabelScore(label=names[i], index=i, probability=p)
+                for p, i in zip(values.tolist(), indices.tolist())
+            ])
+            for values, indices in zip(top.values, top.indices)
+        ]
+        self.metrics.observe_predictions(
+            "classify", [names[int(i)] for i in top.indices[:, 0]], top.values[:, 0].tolist()
+        )
+        return ClassifyResponse(model=self.model_tag, predictions=predictions)
+
+    async def _embed(self, images, images_base64, normalize: bool) -> EmbedResponse:
+        _, embeddings = await self._run_batched("embed", images, images_base64)
+        if normalize:
+            embeddings = torch.nn.functional.normalize(embeddings, dim=1)
+        self.metrics.images.labels("embed").inc(len(embeddings))
+        return EmbedResponse(
+            model=self.model_tag, layer=self.predictor.model.embedding_layer, dim=embeddings.shape[1],
+            normalized=normalize, embeddings=embeddings.tolist(),
+        )
+
+    async def _run_batched(self, endpoint: str, images, images_base64) -> tuple[torch.Tensor, torch.Tensor]:
+        payloads = self._collect_payloads(images, images_base64, plural=True)
+        tensors = await self._decode_all(endpoint, payloads)
+        tickets = [secrets.token_urlsafe(16) for _ in tensors]
+        self._pending.update(zip(tickets, tensors))
+        try:
+            response = await self._internal_client().post(FORWARD_ROUTE, json={"tickets": tickets})
+            if response.status_code == 503:  # BentoML's dispatcher predicts a miss of max_latency_ms
+                raise Refusal(503, "overloaded", "the model is at capacity; retry shortly",
+                              {"Retry-After": str(self.config.retry_after_s)})
+            response.raise_for_status()
+            results = [self._results.pop(t) for t in tickets]
+        finally:
+            for ticket in tickets:  # a cancelled or failed request leaves nothing behind
+                self._pending.pop(ticket, None)
+                self._results.pop(ticket, None)
+        return torch.stack([r[0] for r in results]), torch.stack([r[1] for r in results])
+
+    def _internal_client(self) -> httpx.AsyncClient:
+        """An in-process HTTP client on this service's own ASGI app, so the call
+        passes through BentoML's batching dispatcher without touching the network.
+        (BentoML's self-proxy does the same over aiohttp, but dropped requests
+        under concurrency here: "Cannot write to closing transport".)"""
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=self.to_async.app), base_url="http://cnn-service.internal",
+                timeout=self.config.request_timeout_s,
+            )
+        return self._client
+
+    def _collect_payloads(self, files, encoded, plural: bool) -> list[bytes]:
+        field, field_b64 = ("images", "images_base64") if plural else ("image", "image_base64")
+        if files and encoded:
+            raise Refusal(400, "ambiguous_input", f"send `{field}` or `{field_b64}`, not both")
+        payloads: list[bytes] = []
+        if files:
+            payloads = [Path(f).read_bytes() for f in files]
+        elif encoded:
+            for index, text in enumerate(encoded):
+                payloads.append(_b64decode(text, f"{field_b64}[{index}]" if plural else field_b64))
+        if not payloads:
+            raise Refusal(400, "no_image", f"no image given: send `{field}` (multipart) or `{field_b64}` (JSON)")
+        if len(payloads) > self.config.max_images_per_request:
+            raise Refusal(413, "too_many_images",
+                          f"{len(payloads)} images in one request; the limit is {self.config.max_images_per_request}")
+        return payloads
+
+    async def _decode_all(self, endpoint: str, payloads: list[bytes]) -> list[torch.Tensor]:
+        """Decode every image in parallel threads; the first bad image (by position) refuses the request."""
+        decoded: list[torch.Tensor | None] = [None] * len(payloads)
+        refusals: dict[int, Refusal] = {}
+
+        async def decode(index: int, data: bytes) -> None:
+            start = time.perf_counter()
+            try:
+                decoded[index] = await anyio.to_thread.run_sync(
+                    load_image, data, self.manifest.preprocessing, self.limits, limiter=self._decode_slots
+                )
+            except ImageRejected as err:
+                status = 413 if err.reason == "too_many_bytes" else 422
+                where = f"image {index}: " if len(payloads) > 1 else ""
+                refusals[index] = Refusal(status, err.reason, f"{where}{err}")
+                return
+            self.metrics.preprocess_seconds.labels(endpoint, self.metrics.device).observe(
+                time.perf_counter() - start
+            )
+
+        async with anyio.create_task_group() as group:
+            for index, data in enumerate(payloads):
+                group.start_soon(decode, index, data)
+        if refusals:
+            raise refusals[min(refusals)]
+        return decoded  # type: ignore[return-value]
+
+    async def _feature_maps(self, image, image_base64, layers, channels, top_channels, stage, fmt):
+        names = list(dict.fromkeys(layers)) if layers else [
+            n for n, row in self.layers.items() if row.type == "conv"
+        ]
+        unknown = [n for n in names if n not in self.predictor.model.named_layers]
+        if unknown:
+            raise Refusal(422, "unknown_layer",
+                          f"unknown layer(s) {unknown[:10]}; valid: {list(self.predictor.model.named_layers)}")
+        if channels is not None and top_channels is not None:
+            raise Refusal(400, "ambiguous_channels", "give `channels` or `top_channels`, not both")
+        data = (self._collect_payloads([image] if image else None,
+                                       [image_base64] if image_base64 else None, plural=False))[0]
+        tensor = (await self._decode_all("feature_maps", [data]))[0]
+        start = time.perf_counter()
+        activations = await anyio.to_thread.run_sync(self.predictor.activations, tensor, names, stage)
+        self.metrics.forward_seconds.labels("feature_maps", self.metrics.device).observe(time.perf_counter() - start)
+        chosen = {n: choose_channels(n, activations[n], channels, top_channels) for n in names}
+        size = estimated_bytes(activations, chosen, fmt)
+        if size > self.config.max_feature_map_bytes:
+            raise Refusal(422, "response_too_large",
+                          f"about {size:,} bytes of {fmt}; the cap is {self.config.max_feature_map_bytes:,}: "
+                          "ask for fewer layers, `channels` or `top_channels`")
+        bodies = await anyio.to_thread.run_sync(
+            lambda: [layer_payload(self.layers[n], activations[n], chosen[n], fmt) for n in names]
+        )
+        response = FeatureMapsResponse(model=self.model_tag, stage=stage, format=fmt,
+                                       input_size=self.predictor.input_size, layers=bodies)
+        payload_bytes = sum(len(b.png or "") + len((b.array.data if b.array else "")) for b in bodies)
+        self.metrics.feature_map_bytes.labels(fmt).inc(payload_bytes)
+        self.metrics.images.labels("feature_maps").inc()
+        return response
+
+    def _update_gpu_gauges(self) -> None:
+        memory = self.predictor.gpu_memory()
+        if memory is not None:
+            self.metrics.gpu_allocated.set(memory[0])
+            self.metrics.gpu_reserved.set(memory[1])
+
+    # ----- introspection (served by service.introspection) --------------------
+
+    def model_description(self) -> dict:
+        manifest = self.manifest.to_dict()
+        training = dict(manifest.get("training", {}))
+        training.pop("history", None)  # long; the report command plots it
+        return {
+            "tag": self.model_tag,
+            "preset": self.manifest.preset,
+            "classes": self.manifest.class_names,
+            "preprocessing": manifest["preprocessing"],
+            "model_config": manifest["model_config"],
+            "training": training,
+            "weights_sha256": self.manifest.weights_sha256,
+            "device": str(self.predictor.device),
+            "dtype": self.predictor.dtype_name,
+            "batching": {"max_batch_size": self.config.max_batch_size, "max_latency_ms": self.config.max_latency_ms},
+            "limits": {
+                "max_images_per_request": self.config.max_images_per_request,
+                "max_body_bytes": self.config.max_body_bytes,
+                "max_image_pixels": self.config.max_image_pixels,
+                "max_feature_map_bytes": self.config.max_feature_map_bytes,
+            },
+            "layers": [row.to_dict() for row in self.layers.values()],
+        }
+
+
+def _b64decode(text: str, field: str) -> bytes:
+    if text.startswith("data:") and "," in text:  # accept data URLs as browsers make them
+        text = text.split(",", 1)[1]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise Refusal(400, "invalid_base64", f"`{field}` is not valid base64") from None
+
+
+CNNService.add_asgi_middleware(
+    GuardMiddleware, max_body_bytes=CONFIG.max_body_bytes, api_key=CONFIG.api_key,
+    retry_after_s=CONFIG.retry_after_s,
+)

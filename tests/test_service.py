@@ -1,0 +1,356 @@
+"""The real service over HTTP: every endpoint, every input form, refusals, batching, metrics."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import bentoml
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from model.checkpoint import load_checkpoint
+from model.inference import Predictor
+from model.preprocess import load_image
+from tests.images import encode, shape_image, shape_png
+from tests.test_preprocess import png_header_only
+
+pytestmark = pytest.mark.slow
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def metric_samples(url: str) -> dict[tuple[str, tuple], float]:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def metric_sum(samples: dict, name: str, **labels) -> float:
+    return sum(
+        value for (sample_name, sample_labels), value in samples.items()
+        if sample_name == name and all(dict(sample_labels).get(k) == v for k, v in labels.items())
+    )
+
+
+# ----- classification ------------------------------------------------------------
+
+
+def test_classify_json_base64_returns_top_k_sorted(server, tiny_run):
+    classes = load_checkpoint(tiny_run).manifest.class_names
+    response = httpx.post(f"{server.url}/classify", json={"images_base64": [b64(shape_png(5))], "top_k": 3}, timeout=30)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"].startswith("cnn-classifier:")
+    (prediction,) = body["predictions"]
+    scores = prediction["top_k"]
+    assert len(scores) == 3
+    assert [s["probability"] for s in scores] == sorted((s["probability"] for s in scores), reverse=True)
+    assert all(classes[s["index"]] == s["label"] for s in scores)
+
+
+def test_classify_matches_in_process_model(server, tiny_run):
+    """The service's answer is the checkpoint's own prediction through the shared preprocessing."""
+    checkpoint = load_checkpoint(tiny_run)
+    data = encode(shape_image(7, size=90), "JPEG", quality=90)
+    expected = Predictor(checkpoint, torch.device("cpu"), "off").predict(
+        load_image(data, checkpoint.manifest.preprocessing).unsqueeze(0)
+    ).probabilities[0]
+    body = httpx.post(f"{server.url}/classify", json={"images_base64": [b64(data)], "top_k": 12}, timeout=30).json()
+    served = {s["index"]: s["probability"] for s in body["predictions"][0]["top_k"]}
+    for index, probability in served.items():
+        assert probability == pytest.approx(expected[index].item(), abs=1e-5)
+
+
+def test_classify_multipart_many_images_default_top_5(server):
+    files = [("images", (f"{i}.png", shape_png(i), "image/png")) for i in range(3)]
+    response = httpx.post(f"{server.url}/classify", files=files, timeout=30)
+    assert response.status_code == 200, response.text
+    predictions = response.json()["predictions"]
+    assert len(predictions) == 3 and all(len(p["top_k"]) == 5 for p in predictions)
+
+
+def test_classify_multipart_with_form_top_k(server):
+    response = httpx.post(f"{server.url}/classify", files=[("images", ("a.jpg", encode(shape_image(1), "JPEG"), "image/jpeg"))],
+                          data={"top_k": "2"}, timeout=30)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["predictions"][0]["top_k"]) == 2
+
+
+def test_sync_http_client_calls_every_endpoint(server, tmp_path):
+    image_path = tmp_path / "cross.png"
+    image_path.write_bytes(shape_png(4))
+    with bentoml.SyncHTTPClient(server.url) as client:
+        by_file = client.classify(images=[image_path], top_k=1)
+        by_b64 = client.classify(images_base64=[b64(shape_png(4))], top_k=1)
+        embedded = client.embed(images=[image_path])
+        maps = client.feature_maps(image=image_path, layers=["conv1"], format="stats")
+    assert by_file["predictions"][0]["top_k"][0]["label"] == by_b64["predictions"][0]["top_k"][0]["label"]
+    assert len(embedded["embeddings"]) == 1
+    assert maps["layers"][0]["layer"] == "conv1"
+
+
+# ----- embeddings ---------------------------------------------------------------
+
+
+def test_embed_returns_fc7_vectors_normalized_or_not(server):
+    images = [b64(shape_png(i)) for i in (0, 1)]
+    unit = httpx.post(f"{server.url}/embed", json={"images_base64": images}, timeout=30).json()
+    raw = httpx.post(f"{server.url}/embed", json={"images_base64": images, "normalize": False}, timeout=30).json()
+    assert unit["layer"] == "fc7" and unit["dim"] == 256 and unit["normalized"] is True
+    vectors = torch.tensor(unit["embeddings"])
+    torch.testing.assert_close(vectors.norm(dim=1), torch.ones(2), atol=1e-4, rtol=0)
+    raw_vectors = torch.tensor(raw["embeddings"])
+    assert (raw_vectors >= 0).all()  # post-ReLU
+    torch.testing.assert_close(torch.nn.functional.normalize(raw_vectors, dim=1), vectors, atol=1e-5, rtol=0)
+
+
+# ----- feature maps ---------------------------------------------------------------
+
+
+def test_feature_maps_png_grid_per_conv_layer_by_default(server):
+    response = httpx.post(f"{server.url}/feature_maps", json={"image_base64": b64(shape_png(8))}, timeout=30)
+    assert response.status_code == 200, response.text
+    layers = response.json()["layers"]
+    assert [layer["layer"] for layer in layers] == ["conv1", "conv2", "conv3", "conv4", "conv5"]
+    conv1 = layers[0]
+    assert conv1["shape"] == [32, 32, 32] and conv1["receptive_field"] == 5 and conv1["jump"] == 2
+    grid = Image.open(io.BytesIO(base64.b64decode(conv1["png"])))
+    assert grid.format == "PNG" and grid.width >= 6 * 32  # 32 tiles: a 6x6 grid of 32-px tiles
+
+
+def test_feature_maps_array_is_exact_float16(server, tiny_run):
+    data = shape_png(3)
+    body = httpx.post(f"{server.url}/feature_maps", json={
+        "image_base64": b64(data), "layers": ["conv2", "fc7"], "channels": [0, 5], "format": "array",
+        "stage": "pre_relu",
+    }, timeout=30).json()
+    checkpoint = load_checkpoint(tiny_run)
+    local = Predictor(checkpoint, torch.device("cpu"), "off").activations(
+        load_image(data, checkpoint.manifest.preprocessing), ["conv2", "fc7"], "pre_relu")
+    for layer in body["layers"]:
+        array = layer["array"]
+        values = np.frombuffer(base64.b64decode(array["data"]), dtype="<f2").reshape(array["shape"])
+        expected = local[layer["layer"]][[0, 5]].numpy().astype(np.float16)
+        np.testing.assert_allclose(values.astype(np.float32), expected.astype(np.float32), rtol=1e-3, atol=1e-3)
+    assert (np.frombuffer(base64.b64decode(body["layers"][0]["array"]["data"]), dtype="<f2") < 0).any()
+
+
+def test_feature_maps_stats_and_top_channels(server):
+    body = httpx.post(f"{server.url}/feature_maps", json={
+        "image_base64": b64(shape_png(11)), "layers": ["conv3"], "top_channels": 4, "format": "stats",
+    }, timeout=30).json()
+    stats = body["layers"][0]["stats"]
+    means = [s["mean"] for s in stats]
+    assert len(stats) == 4 and means == sorted(means, reverse=True)
+    assert all(0 <= s["zero_fraction"] <= 1 and s["max"] >= s["mean"] >= 0 for s in stats)
+
+
+@pytest.mark.parametrize("payload, status, reason", [
+    ({"layers": ["conv9"]}, 422, "unknown_layer"),
+    ({"layers": ["conv1"], "channels": [32]}, 422, "channel_out_of_range"),
+    ({"channels": [0], "top_channels": 2}, 400, "ambiguous_channels"),
+    ({"stage": "sideways"}, 400, None),
+    ({"format": "gif"}, 400, None),
+])
+def test_feature_maps_refusals(server, payload, status, reason):
+    response = httpx.post(f"{server.url}/feature_maps", json={"image_base64": b64(shape_png(0)), **payload}, timeout=30)
+    assert response.status_code == status, response.text
+    if reason:
+        assert response.json()["error"] == reason
+    if reason == "unknown_layer":
+        assert "conv1" in response.json()["detail"]
+
+
+# ----- introspection --------------------------------------------------------------------
+
+
+def test_model_endpoint_describes_manifest_and_layers(server, tiny_run):
+    body = httpx.get(f"{server.url}/model", timeout=30).json()
+    manifest = load_checkpoint(tiny_run).manifest
+    assert body["weights_sha256"] == manifest.weights_sha256
+    assert body["classes"] == manifest.class_names and body["preset"] == "small"
+    assert body["device"] == "cpu" and body["dtype"] == "float32"
+    assert body["training"]["metrics"]["test_top1"] == manifest.training["metrics"]["test_top1"]
+    layers = {row["name"]: row for row in body["layers"]}
+    assert layers["conv1"]["output_shape"] == [32, 32, 32] and layers["fc8"]["output_values"] == 12
+
+
+def test_kernels_png(server):
+    response = httpx.get(f"{server.url}/kernels", params={"layer": "conv1"}, timeout=30)
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    image = Image.open(io.BytesIO(response.content))
+    assert image.mode == "RGB" and image.width > 100  # 32 colour kernels, enlarged
+    bad = httpx.get(f"{server.url}/kernels", params={"layer": "fc6"}, timeout=30)
+    assert bad.status_code == 422 and bad.json()["error"] == "unknown_layer"
+
+
+def test_openapi_documents_the_endpoints(server):
+    spec = httpx.get(f"{server.url}/docs.json", timeout=30).json()
+    for path in ("/classify", "/embed", "/feature_maps"):
+        assert path in spec["paths"]
+    assert "images_base64" in json.dumps(spec["paths"]["/classify"])
+
+
+# ----- refusals: 4xx JSON with a reason, and the worker lives on ----------------------------
+
+
+def _bad_requests():
+    big = b"\0" * (3 * 1024 * 1024 + 10)
+    return [
+        ("empty image", {"json": {"images_base64": [""]}}, 422, "empty"),
+        ("not an image", {"json": {"images_base64": [b64(b"definitely not pixels")]}}, 422, "not_an_image"),
+        ("truncated PNG", {"json": {"images_base64": [b64(shape_png(1)[:300])]}}, 422, "corrupt"),
+        ("pixel bomb", {"json": {"images_base64": [b64(png_header_only(30000, 30000))]}}, 422, "too_many_pixels"),
+        ("invalid base64", {"json": {"images_base64": ["***"]}}, 400, "invalid_base64"),
+        ("no image", {"json": {}}, 400, "no_image"),
+        ("both forms", {"files": [("images", ("a.png", shape_png(0)))], "data": {"images_base64": json.dumps([b64(shape_png(0))])}}, 400, "ambiguous_input"),
+        ("too many images", {"json": {"images_base64": [b64(shape_png(0))] * 17}}, 413, "too_many_images"),
+        ("body too large", {"content": big, "headers": {"content-type": "application/json"}}, 413, "body_too_large"),
+        ("url in file field", {"files": [("images", (None, "http://example.com/cat.jpg"))]}, 400, "file_field_not_a_file"),
+        ("top_k zero", {"json": {"images_base64": [b64(shape_png(0))], "top_k": 0}}, 400, None),
+        ("invalid JSON", {"content": b"{nope", "headers": {"content-type": "application/json"}}, 400, None),
+    ]
+
+
+@pytest.mark.parametrize("name, request_kwargs, status, reason", _bad_requests(), ids=[b[0] for b in _bad_requests()])
+def test_bad_input_gets_4xx_json(server, name, request_kwargs, status, reason):
+    response = httpx.post(f"{server.url}/classify", timeout=30, **request_kwargs)
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert "error" in body
+    if reason:
+        assert body["error"] == reason
+
+
+def test_worker_survives_bad_input_and_refusals_are_counted(server):
+    pids = server.worker_pids()
+    before = metric_samples(server.url)
+    for _ in range(3):
+        httpx.post(f"{server.url}/classify", json={"images_base64": [b64(b"junk")]}, timeout=30)
+    after = metric_samples(server.url)
+    assert metric_sum(after, "cnn_refusals_total", endpoint="classify", reason="not_an_image") - \
+        metric_sum(before, "cnn_refusals_total", endpoint="classify", reason="not_an_image") == 3
+    assert server.worker_pids() == pids
+    assert httpx.post(f"{server.url}/classify", json={"images_base64": [b64(shape_png(2))]}, timeout=30).status_code == 200
+
+
+# ----- batching and metrics --------------------------------------------------------------
+
+
+def test_concurrent_requests_are_batched(server):
+    before = metric_samples(server.url)
+    payload = {"images_base64": [b64(shape_png(3))], "top_k": 1}
+    with ThreadPoolExecutor(max_workers=24) as pool:
+        statuses = list(pool.map(lambda _: httpx.post(f"{server.url}/classify", json=payload, timeout=60).status_code,
+                                 range(96)))
+    assert statuses == [200] * 96
+    after = metric_samples(server.url)
+    batches = metric_sum(after, "cnn_batch_size_count") - metric_sum(before, "cnn_batch_size_count")
+    images = metric_sum(after, "cnn_batch_size_sum") - metric_sum(before, "cnn_batch_size_sum")
+    singles = metric_sum(after, "cnn_batch_size_bucket", le="1.0") - metric_sum(before, "cnn_batch_size_bucket", le="1.0")
+    assert images == 96
+    assert batches < 96 and singles < batches, "some forward passes must have carried more than one image"
+
+
+def test_metrics_move_by_expected_amounts(server):
+    before = metric_samples(server.url)
+    files = [("images", (f"{i}.png", shape_png(i), "image/png")) for i in range(3)]
+    assert httpx.post(f"{server.url}/classify", files=files, timeout=30).status_code == 200
+    assert httpx.post(f"{server.url}/feature_maps", json={"image_base64": b64(shape_png(0)), "layers": ["conv1"]},
+                      timeout=30).status_code == 200
+    after = metric_samples(server.url)
+
+    def delta(name, **labels):
+        return metric_sum(after, name, **labels) - metric_sum(before, name, **labels)
+
+    assert delta("cnn_images_processed_total", endpoint="classify") == 3
+    assert delta("cnn_predictions_total") == 3
+    assert delta("cnn_top1_confidence_count") == 3
+    assert delta("cnn_preprocess_seconds_count", endpoint="classify") == 3
+    assert delta("cnn_model_forward_seconds_count", endpoint="feature_maps") == 1
+    assert delta("cnn_feature_map_response_bytes_total", format="png") > 100
+    assert metric_sum(after, "cnn_model_info", device="cpu", dtype="float32") == 1
+
+
+def test_metrics_pass_promtool(server):
+    import shutil
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (make system-deps installs Debian's prometheus)")
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ----- auth and start-up ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def secured_server(cli_env, registered_model, tmp_path_factory):
+    from tests.conftest import start_server
+
+    server = start_server(cli_env, tmp_path_factory.mktemp("secured"), API_KEY="s3cret-key")
+    yield server
+    server.stop()
+
+
+def test_api_key_guards_inference_but_not_health(secured_server):
+    url = secured_server.url
+    payload = {"images_base64": [b64(shape_png(0))]}
+    assert httpx.post(f"{url}/classify", json=payload, timeout=30).status_code == 401
+    wrong = httpx.post(f"{url}/classify", json=payload, headers={"Authorization": "Bearer nope"}, timeout=30)
+    assert wrong.status_code == 401 and wrong.json()["error"] == "unauthorized"
+    ok = httpx.post(f"{url}/classify", json=payload, headers={"Authorization": "Bearer s3cret-key"}, timeout=30)
+    assert ok.status_code == 200
+    assert httpx.get(f"{url}/model", timeout=30).status_code == 401
+    for open_path in ("/readyz", "/livez", "/metrics"):
+        assert httpx.get(f"{url}{open_path}", timeout=30).status_code == 200
+
+
+def test_auth_off_by_default(server):
+    assert httpx.get(f"{server.url}/model", timeout=30).status_code == 200
+
+
+def test_corrupt_checkpoint_stops_startup(cli_env, tiny_run, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_run, broken)
+    weights = broken / "weights.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-5] ^= 0x55
+    weights.write_bytes(bytes(blob))
+    bentoml_cli = Path(sys.executable).parent / "bentoml"
+    from tests.server import ROOT, free_port
+
+    result = subprocess.run([str(bentoml_cli), "serve", ".", "--port", str(free_port())], cwd=ROOT,
+                            env={**cli_env, "CHECKPOINT_DIR": str(broken)}, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "sha256" in result.stdout + result.stderr and "weights.safetensors" in result.stdout + result.stderr
+
+
+def test_missing_model_stops_startup(cli_env, tmp_path):
+    bentoml_cli = Path(sys.executable).parent / "bentoml"
+    from tests.server import ROOT, free_port
+
+    result = subprocess.run([str(bentoml_cli), "serve", ".", "--port", str(free_port())], cwd=ROOT,
+                            env={**cli_env, "BENTOML_HOME": str(tmp_path / "empty_store")},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "not in the BentoML model store" in result.stdout + result.stderr
