@@ -165,9 +165,9 @@ CIFAR = ModelConfig(
     conv_stages=(
         ConvStage(64, kernel=3, padding=1, norm="batchnorm", pool_kernel=2, pool_stride=2),
         ConvStage(128, kernel=3, padding=1, norm="batchnorm", pool_kernel=2, pool_stride=2),
-        ConvStage(256, kernel=3, padding=1, norm="batchnorm"),
-        ConvStage(256, kernel=3, padding=1, norm="batchnorm"),
-        ConvStage(256, kernel=3, padding=1, norm="batchnorm", pool_kernel=2, pool_stride=2),
+        ConvStage(192, kernel=3, padding=1, norm="batchnorm"),
+        ConvStage(192, kernel=3, padding=1, norm="batchnorm"),
+        ConvStage(128, kernel=3, padding=1, norm="batchnorm", pool_kernel=2, pool_stride=2),
     ),
     fc_widths=(512, 512),
     dropout=0.3,

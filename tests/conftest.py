@@ -57,7 +57,7 @@ def registered_model(tiny_run, run_cli) -> str:
 
 
 def start_server(env: dict[str, str], log_dir: Path, **extra_env: str):
-    from tests.server import ServerProcess
+    from loadtests.server import ServerProcess
 
     server = ServerProcess({**env, **extra_env}, log_dir / "server.log")
     server.wait_ready()

@@ -337,7 +337,7 @@ def test_corrupt_checkpoint_stops_startup(cli_env, tiny_run, tmp_path):
     blob[-5] ^= 0x55
     weights.write_bytes(bytes(blob))
     bentoml_cli = Path(sys.executable).parent / "bentoml"
-    from tests.server import ROOT, free_port
+    from loadtests.server import ROOT, free_port
 
     result = subprocess.run([str(bentoml_cli), "serve", ".", "--port", str(free_port())], cwd=ROOT,
                             env={**cli_env, "CHECKPOINT_DIR": str(broken)}, capture_output=True, text=True, timeout=120)
@@ -347,7 +347,7 @@ def test_corrupt_checkpoint_stops_startup(cli_env, tiny_run, tmp_path):
 
 def test_missing_model_stops_startup(cli_env, tmp_path):
     bentoml_cli = Path(sys.executable).parent / "bentoml"
-    from tests.server import ROOT, free_port
+    from loadtests.server import ROOT, free_port
 
     result = subprocess.run([str(bentoml_cli), "serve", ".", "--port", str(free_port())], cwd=ROOT,
                             env={**cli_env, "BENTOML_HOME": str(tmp_path / "empty_store")},
