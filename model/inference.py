@@ -1,8 +1,9 @@
 """Inference on a loaded checkpoint: device placement, precision, batched forward.
 
-The service calls this; it knows nothing of HTTP. One lock serializes model
-calls so that a feature-map request and a classification batch never fight
-over the same cores (or the same CUDA stream) at once.
+The service calls this; it knows nothing of HTTP. A semaphore bounds how many
+forward passes run at once (`parallel`, default 1): on a GPU one at a time
+keeps the stream busy without contention; on a CPU, independent
+single-threaded forwards can beat one multi-threaded forward.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class BatchOutput:
 
 
 class Predictor:
-    def __init__(self, checkpoint: Checkpoint, device: torch.device, autocast: str = "bf16"):
+    def __init__(self, checkpoint: Checkpoint, device: torch.device, autocast: str = "bf16", parallel: int = 1):
         self.manifest = checkpoint.manifest
         self.device = device
         self.model = checkpoint.model.to(device, memory_format=torch.channels_last).eval()
@@ -47,7 +48,7 @@ class Predictor:
         self.autocast_dtype = AUTOCAST_DTYPES[autocast] if device.type == "cuda" else None
         self.normalizer = Normalizer(self.manifest.preprocessing)
         self.input_size = self.manifest.preprocessing.input_size
-        self._lock = threading.Lock()
+        self._lock = threading.BoundedSemaphore(parallel)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
 
@@ -105,6 +106,6 @@ class Predictor:
 
 def configure_cpu_threads(threads: int | None = None) -> int:
     """One worker process per machine by default, so torch may use every core."""
-    threads = threads or int(os.environ.get("TORCH_THREADS", "0")) or (os.cpu_count() or 1)
+    threads = threads or (os.cpu_count() or 1)
     torch.set_num_threads(threads)
     return threads

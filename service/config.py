@@ -34,6 +34,8 @@ class ServiceConfig:
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     max_feature_map_bytes: int = 8 * 1024 * 1024  # cap on one /feature_maps response
+    forward_threads: int = 1  # forward passes at once (BentoML `threads` for the batch API)
+    torch_threads: int = 0  # intra-op threads per forward; 0 = cores / forward_threads
     max_concurrency: int = 256  # requests in flight per worker before 503
     request_timeout_s: int = 30
     retry_after_s: int = 1
@@ -54,6 +56,8 @@ class ServiceConfig:
             max_image_pixels=_int("MAX_IMAGE_PIXELS", cls.max_image_pixels),
             max_feature_map_bytes=_int("MAX_FEATURE_MAP_BYTES", cls.max_feature_map_bytes),
             max_concurrency=_int("MAX_CONCURRENCY", cls.max_concurrency),
+            forward_threads=_int("FORWARD_THREADS", cls.forward_threads),
+            torch_threads=_int("TORCH_THREADS", cls.torch_threads),
             request_timeout_s=_int("REQUEST_TIMEOUT_S", cls.request_timeout_s),
             retry_after_s=_int("RETRY_AFTER_S", cls.retry_after_s),
             api_key=os.environ.get("API_KEY") or None,

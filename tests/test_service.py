@@ -264,6 +264,8 @@ def test_concurrent_requests_are_batched(server):
     images = metric_sum(after, "cnn_batch_size_sum") - metric_sum(before, "cnn_batch_size_sum")
     singles = metric_sum(after, "cnn_batch_size_bucket", le="1.0") - metric_sum(before, "cnn_batch_size_bucket", le="1.0")
     assert images == 96
+    # Requests reach BentoML's dispatcher directly, not through a second HTTP pass.
+    assert httpx.get(f"{server.url}/model", timeout=30).json()["batching"]["dispatch"] == "dispatcher"
     assert batches < 96 and singles < batches, "some forward passes must have carried more than one image"
 
 

@@ -20,7 +20,7 @@ class RunConfig:
     data: str = "shapes"
     preset: str = "small"
     out: str = "runs/small"
-    epochs: int = 12
+    epochs: int = 8
     time_budget: float | None = None  # seconds; replaces --epochs as the stopping rule
     batch_size: int = 128  # per process
     lr: float = 0.1  # peak, for the global batch; SGD + nesterov
