@@ -95,6 +95,8 @@ def run_locust(scenario: dict, host: str, reports: Path) -> tuple[dict, dict]:
         "LOCUST_WAIT": scenario.get("wait", "0.1,0.5"),
         "LOCUST_WEIGHTS": scenario.get("weights", ""),
     }
+    if scenario.get("throughput_per_user"):
+        env["LOCUST_THROUGHPUT"] = str(scenario["throughput_per_user"])
     command = [
         sys.executable, "-m", "locust", "-f", str(ROOT / "loadtests" / "locustfile.py"), "--headless",
         "--host", host, "-u", str(scenario["users"]), "-r", str(scenario["spawn_rate"]),
@@ -130,6 +132,11 @@ def evaluate_gates(scenario: dict, summary: dict, aggregated: dict, recovered: t
     if "min_shed_ratio" in scenario:
         gate("min_shed_ratio", scenario["min_shed_ratio"], totals["shed"] / requests,
              totals["shed"] / requests >= scenario["min_shed_ratio"])
+    if "measured_capacity_rps" in scenario:
+        offered = (totals["ok"] + totals["shed"] + totals["error"]) / summary["seconds"]
+        factor = offered / scenario["measured_capacity_rps"]
+        gate("offered_load_over_capacity", scenario.get("min_overload_factor", 3.0), factor,
+             factor >= scenario.get("min_overload_factor", 3.0))
     if "min_rps" in scenario:
         rps = float(aggregated["Requests/s"])
         gate("min_rps", scenario["min_rps"], rps, rps >= scenario["min_rps"])
@@ -154,6 +161,16 @@ def evaluate_gates(scenario: dict, summary: dict, aggregated: dict, recovered: t
         succeeded, tried = recovered
         gate("recovery_requests_ok", tried, succeeded, succeeded == tried)
     return gates
+
+
+def calibrate(scenario: dict, host: str, reports: Path) -> float:
+    """Capacity in requests/s: closed-loop clients with no pause, where nothing should be shed."""
+    probe = {**scenario, "_name": f"{scenario['_name']}_calibration", "users": scenario["calibrate_users"],
+             "spawn_rate": scenario["calibrate_users"], "duration": scenario["calibrate_duration"], "wait": "0,0"}
+    probe.pop("throughput_per_user", None)
+    summary, _ = run_locust(probe, host, reports)
+    ok = sum(e.get("ok", 0) for e in summary["endpoints"].values())
+    return ok / summary["seconds"]
 
 
 def recovery_check(host: str, count: int) -> tuple[int, int]:
@@ -192,6 +209,12 @@ def run(args: argparse.Namespace) -> int:
         host = server.url
     check_loopback(host)
     try:
+        if "overload_factor" in scenario:
+            capacity = calibrate(scenario, host, reports)
+            scenario["measured_capacity_rps"] = capacity
+            scenario["throughput_per_user"] = scenario["overload_factor"] * capacity / scenario["users"]
+            print(f"capacity {capacity:.1f} req/s; offering {scenario['overload_factor']}x = "
+                  f"{scenario['overload_factor'] * capacity:.1f} req/s from {scenario['users']} users", flush=True)
         print(f"{args.scenario}: {scenario['users']} users for {scenario['duration']} against {host}", flush=True)
         summary, aggregated = run_locust(scenario, host, reports)
         recovered = recovery_check(host, int(scenario["recovery_requests"])) if "recovery_requests" in scenario else None

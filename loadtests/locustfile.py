@@ -6,6 +6,7 @@ not just the status code.
 Tunable through the environment:
   LOCUST_WEIGHTS="inference=6,inspector=1,embedding=2"   relative share of each user class
   LOCUST_WAIT="0.1,0.5"                                  seconds between a user's requests (min,max)
+  LOCUST_THROUGHPUT=6.0                                  or: each user paces itself to this many requests/s
 A 503 that carries Retry-After is counted as "shed" (the service protecting its
 latency budget); anything else that is not the expected body is an error.
 The per-endpoint outcome and latency summary is written to
@@ -21,7 +22,7 @@ import random
 import time
 from collections import defaultdict
 
-from locust import HttpUser, between, events, task
+from locust import FastHttpUser, between, constant_throughput, events, task
 
 from loadtests.images import request_pool
 
@@ -38,6 +39,8 @@ def _weights() -> dict[str, int]:
 
 
 def _wait():
+    if os.environ.get("LOCUST_THROUGHPUT"):  # open-loop-like: each user paces itself to N requests/s
+        return constant_throughput(float(os.environ["LOCUST_THROUGHPUT"]))
     low, _, high = os.environ.get("LOCUST_WAIT", "0.1,0.5").partition(",")
     return between(float(low), float(high or low))
 
@@ -82,13 +85,32 @@ def _write_summary(environment, **_):
             json.dump(OUTCOMES.summary(), out, indent=2)
 
 
-class _Checked(HttpUser):
+def multipart(files: list[tuple[str, tuple[str, bytes, str]]]) -> tuple[bytes, str]:
+    boundary = f"locust{random.getrandbits(64):016x}"
+    parts = []
+    for field, (filename, data, content_type) in files:
+        parts.append(
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\n"
+            f"Content-Type: {content_type}\r\n\r\n".encode() + data + b"\r\n"
+        )
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+class _Checked(FastHttpUser):
+    """FastHttpUser: geventhttpclient costs a fraction of `requests`' CPU per call,
+    which matters when the load generator shares the machine with the service."""
+
     abstract = True
+    network_timeout = 60.0
+    connection_timeout = 10.0
     wait_time = _wait()
 
-    def _post(self, name: str, check, **kwargs) -> None:
+    def _post(self, name: str, check, files: list | None = None, **kwargs) -> None:
+        if files is not None:  # FastHttpUser (geventhttpclient) has no `files=`: encode multipart here
+            kwargs["data"], content_type = multipart(files)
+            kwargs["headers"] = {"Content-Type": content_type}
         start = time.perf_counter()
-        with self.client.post(f"/{name.split(':')[0]}", name=name, catch_response=True, timeout=60, **kwargs) as resp:
+        with self.client.post(f"/{name.split(':')[0]}", name=name, catch_response=True, **kwargs) as resp:
             elapsed = (time.perf_counter() - start) * 1000
             if resp.status_code == 503 and resp.headers.get("Retry-After"):
                 OUTCOMES.record(name, "shed", elapsed)

@@ -15,6 +15,8 @@ PROTECTED_PREFIXES = ("/classify", "/embed", "/feature_maps", "/model", "/kernel
 # text value in such a field as a URL and download it (server-side request
 # forgery); we refuse that before BentoML sees the form.
 FILE_FIELDS = (b"images", b"image")
+# Inference paths refused before their body is even read when the model is full.
+SHEDDABLE_PREFIXES = ("/classify", "/embed", "/feature_maps")
 
 
 async def _send_json(send, status: int, body: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:
@@ -43,6 +45,11 @@ class GuardMiddleware:
             return await _send_json(
                 send, 401, {"error": "unauthorized", "detail": "missing or wrong 'Authorization: Bearer <key>'"},
                 [(b"www-authenticate", b"Bearer")],
+            )
+        if scope.get("method") == "POST" and path.startswith(SHEDDABLE_PREFIXES) and _model_full(path):
+            return await _send_json(
+                send, 503, {"error": "overloaded", "detail": "the model is at capacity; retry shortly"},
+                [(b"retry-after", self.retry_after)],
             )
         if scope.get("method") in ("POST", "PUT", "PATCH"):
             declared = self._content_length(scope)
@@ -109,6 +116,17 @@ class GuardMiddleware:
             await send(message)
 
         return wrapped
+
+
+def _model_full(path: str) -> bool:
+    import bentoml
+
+    service = bentoml.get_current_service()
+    admission = getattr(service, "admission", None)
+    if admission is None or not admission.full():
+        return False
+    service.metrics.refusals.labels(path.strip("/").split("/")[0], "overloaded").inc()
+    return True
 
 
 def _multipart_boundary(scope) -> bytes | None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import os
 import secrets
 import time
@@ -38,6 +39,7 @@ from model.checkpoint import CheckpointError, load_checkpoint
 from model.inference import Predictor, configure_cpu_threads, pick_device
 from model.preprocess import DecodeLimits, ImageRejected, load_image
 from model.summary import layer_table
+from service.admission import Admission
 from service.config import CONFIG
 from service.errors import Refusal
 from service.feature_maps import choose_channels, estimated_bytes, layer_payload
@@ -115,6 +117,11 @@ class CNNService:
         self._dispatch = None
         self.dispatch_path = "unresolved"
         self.warmup_seconds = self.predictor.warm_up((1, min(8, CONFIG.max_batch_size)))
+        probe = self.predictor.predict(torch.zeros(8, 3, self.predictor.input_size, self.predictor.input_size,
+                                                   dtype=torch.uint8))
+        # Aim admitted work at 60% of the latency budget: the rest is headroom for
+        # decoding, HTTP and the variance of a busy machine.
+        self.admission = Admission(0.6 * CONFIG.max_latency_ms / 1000, 8 / probe.forward_seconds)
         self._update_gpu_gauges()
         self.ready = True
         print(f"serving {self.model_tag} ({self.manifest.preset}, {len(self.manifest.class_names)} classes) on "
@@ -231,17 +238,30 @@ class CNNService:
 
     async def _run_batched(self, endpoint: str, images, images_base64) -> tuple[torch.Tensor, torch.Tensor]:
         payloads = self._collect_payloads(images, images_base64, plural=True)
-        tensors = await self._decode_all(endpoint, payloads)
-        tickets = [secrets.token_urlsafe(16) for _ in tensors]
-        self._pending.update(zip(tickets, tensors))
-        try:
-            await self._submit(tickets)
-            results = [self._results.pop(t) for t in tickets]
-        finally:
-            for ticket in tickets:  # a cancelled or failed request leaves nothing behind
-                self._pending.pop(ticket, None)
-                self._results.pop(ticket, None)
+        async with self._admitted(len(payloads)):
+            tensors = await self._decode_all(endpoint, payloads)
+            tickets = [secrets.token_urlsafe(16) for _ in tensors]
+            self._pending.update(zip(tickets, tensors))
+            try:
+                await self._submit(tickets)
+                results = [self._results.pop(t) for t in tickets]
+            finally:
+                for ticket in tickets:  # a cancelled or failed request leaves nothing behind
+                    self._pending.pop(ticket, None)
+                    self._results.pop(ticket, None)
         return torch.stack([r[0] for r in results]), torch.stack([r[1] for r in results])
+
+    @contextlib.asynccontextmanager
+    async def _admitted(self, images: int):
+        if not self.admission.try_admit(images):
+            raise Refusal(503, "overloaded", "the model is at capacity; retry shortly",
+                          {"Retry-After": str(self.config.retry_after_s)})
+        completed = False
+        try:
+            yield
+            completed = True
+        finally:
+            self.admission.release(images, completed)
 
     async def _submit(self, tickets: list[str]) -> None:
         """Send tickets through BentoML's batching dispatcher for `forward_batch`.
@@ -257,7 +277,7 @@ class CNNService:
         try:
             await self._dispatch(tickets)
         except ServiceUnavailable:  # the dispatcher predicts a miss of max_latency_ms
-            raise Refusal(503, "overloaded", "the model is at capacity; retry shortly",
+            raise Refusal(503, "overloaded_queue", "the model's queue is full; retry shortly",
                           {"Retry-After": str(self.config.retry_after_s)}) from None
 
     def _find_dispatcher(self):
@@ -338,9 +358,10 @@ class CNNService:
             raise Refusal(400, "ambiguous_channels", "give `channels` or `top_channels`, not both")
         data = (self._collect_payloads([image] if image else None,
                                        [image_base64] if image_base64 else None, plural=False))[0]
-        tensor = (await self._decode_all("feature_maps", [data]))[0]
-        start = time.perf_counter()
-        activations = await anyio.to_thread.run_sync(self.predictor.activations, tensor, names, stage)
+        async with self._admitted(1):
+            tensor = (await self._decode_all("feature_maps", [data]))[0]
+            start = time.perf_counter()
+            activations = await anyio.to_thread.run_sync(self.predictor.activations, tensor, names, stage)
         self.metrics.forward_seconds.labels("feature_maps", self.metrics.device).observe(time.perf_counter() - start)
         chosen = {n: choose_channels(n, activations[n], channels, top_channels) for n in names}
         size = estimated_bytes(activations, chosen, fmt)
