@@ -10,7 +10,7 @@ HOST ?= 127.0.0.1
 PORT ?= 3000
 MODEL_OUT ?= runs/default
 
-.PHONY: install default-model serve test test-fast system-deps clean
+.PHONY: install default-model serve test test-fast system-deps loadtest loadtest-overload bench clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON_BIN) -m venv $(VENV)
@@ -20,12 +20,15 @@ $(INSTALLED): pyproject.toml
 
 install: $(INSTALLED)
 
-# Debian packages the tests drive for real (promtool); installed only where missing.
+# Debian packages the tests drive for real: prometheus (the server and promtool) and
+# chromium (the UI tests); installed only where missing.
 system-deps:
-	@command -v promtool >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
-	  else echo "promtool missing: install Debian's 'prometheus' package"; fi; }
+	@missing=""; command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	  command -v chromium >/dev/null || missing="$$missing chromium"; \
+	  if [ -n "$$missing" ]; then \
+	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	    else echo "missing Debian packages:$$missing (the tests that need them are skipped)"; fi; fi
 
 # Train the small default model on the generated shapes dataset, unless the
 # BentoML model store already has one.
@@ -42,6 +45,17 @@ test: $(INSTALLED) system-deps
 
 test-fast: $(INSTALLED)
 	$(PY) -m pytest -m "not slow"
+
+# Locust against a service this target starts (needs the default model); reports/ gets CSV + HTML.
+loadtest: default-model
+	$(PY) -m loadtests run --scenario smoke --duration $${DURATION:-60s}
+
+loadtest-overload: $(INSTALLED)
+	$(PY) -m loadtests run --scenario overload
+
+# Service vs raw-model throughput, presets small and alexnet (about 5 minutes).
+bench: $(INSTALLED)
+	$(PY) -m loadtests.bench
 
 clean:
 	rm -rf $(VENV) runs reports .pytest_cache

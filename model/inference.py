@@ -98,10 +98,12 @@ class Predictor:
                 self.predict(torch.zeros(size, 3, self.input_size, self.input_size, dtype=torch.uint8))
         return time.perf_counter() - start
 
-    def gpu_memory(self) -> tuple[int, int] | None:
+    def gpu_memory(self) -> tuple[int, int, int] | None:
+        """(allocated, reserved, total) bytes on the GPU; None on a CPU."""
         if self.device.type != "cuda":
             return None
-        return torch.cuda.memory_allocated(self.device), torch.cuda.memory_reserved(self.device)
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        return torch.cuda.memory_allocated(self.device), torch.cuda.memory_reserved(self.device), total
 
 
 def configure_cpu_threads(threads: int | None = None) -> int:

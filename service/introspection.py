@@ -1,5 +1,6 @@
 """GET endpoints for looking inside the model: the manifest with its layer
-table, and the learned kernels as a picture.
+table, the learned kernels as a picture, and the feature-map inspector page
+(static files under service/ui, served at /ui).
 
 A small Starlette app mounted on the service (BentoML APIs are POST-only);
 its handlers reach the running service through bentoml.get_current_service().
@@ -7,12 +8,17 @@ its handlers reach the running service through bentoml.get_current_service().
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import anyio
 import bentoml
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+UI_DIR = Path(__file__).parent / "ui"
 
 from model.visualize import encode_png, kernel_grid
 
@@ -41,7 +47,13 @@ async def kernels(request: Request) -> Response:
     return Response(png, media_type="image/png", headers={"Cache-Control": "no-cache"})
 
 
+async def ui_root(request: Request) -> Response:
+    return RedirectResponse("/ui/")
+
+
 introspection_app = Starlette(routes=[
     Route("/model", model_info, methods=["GET"]),
     Route("/kernels", kernels, methods=["GET"]),
+    Route("/ui", ui_root, methods=["GET"]),
+    Mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui"),
 ])

@@ -52,6 +52,11 @@ class ServiceMetrics:
                                         multiprocess_mode="livemax")
         self.gpu_reserved = prom.Gauge("cnn_gpu_memory_reserved_bytes", "GPU memory reserved by the allocator.",
                                        multiprocess_mode="livemax")
+        self.gpu_total = prom.Gauge("cnn_gpu_memory_total_bytes", "GPU memory on the device (0 on a CPU).",
+                                    multiprocess_mode="livemax")
+
+        for endpoint in ("classify", "embed", "feature_maps"):
+            self.images.labels(endpoint)  # series exist at 0 from the start: "no traffic" is visible
 
     def observe_batch(self, size: int, forward_seconds: float) -> None:
         self.batch_size.labels(self.device).observe(size)

@@ -64,6 +64,8 @@ class GuardMiddleware:
                     "detail": "multipart fields `images`/`image` must be uploaded files; URLs are not fetched",
                 })
             receive = _replay(body)
+        if path == "/docs.json":
+            send = _link_ui_in_docs(send)
         await self.app(scope, receive, self._with_retry_after(send))
 
     def _authorized(self, scope) -> bool:
@@ -116,6 +118,40 @@ class GuardMiddleware:
             await send(message)
 
         return wrapped
+
+
+UI_LINK = (
+    "**[Open the feature-map inspector](/ui/)**: upload an image and see the predictions and what "
+    "every layer of the CNN computes.\n\n"
+)
+
+
+def _link_ui_in_docs(send):
+    """Put a link to /ui at the top of the OpenAPI description, which BentoML's page at / shows."""
+    start: dict = {}
+    chunks: list[bytes] = []
+
+    async def wrapped(message):
+        nonlocal start
+        if message["type"] == "http.response.start":
+            start = message
+            return
+        chunks.append(message.get("body", b""))
+        if message.get("more_body"):
+            return
+        body = b"".join(chunks)
+        if start.get("status") == 200:
+            try:
+                spec = json.loads(body)
+                spec.setdefault("info", {})["description"] = UI_LINK + spec["info"].get("description", "")
+                body = json.dumps(spec).encode()
+            except (ValueError, AttributeError):
+                pass
+        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+        await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    return wrapped
 
 
 def _model_full(path: str) -> bool:

@@ -197,6 +197,7 @@ class CNNService:
             for i, ticket in enumerate(known):
                 self._results[ticket] = (output.probabilities[i], output.embeddings[i])
             self.metrics.observe_batch(len(known), output.forward_seconds)
+            self.admission.observe(len(known), output.forward_seconds)
             self._update_gpu_gauges()
         return [t if t in self._results else "" for t in tickets]
 
@@ -256,12 +257,10 @@ class CNNService:
         if not self.admission.try_admit(images):
             raise Refusal(503, "overloaded", "the model is at capacity; retry shortly",
                           {"Retry-After": str(self.config.retry_after_s)})
-        completed = False
         try:
             yield
-            completed = True
         finally:
-            self.admission.release(images, completed)
+            self.admission.release(images)
 
     async def _submit(self, tickets: list[str]) -> None:
         """Send tickets through BentoML's batching dispatcher for `forward_batch`.
@@ -384,6 +383,7 @@ class CNNService:
         if memory is not None:
             self.metrics.gpu_allocated.set(memory[0])
             self.metrics.gpu_reserved.set(memory[1])
+            self.metrics.gpu_total.set(memory[2])
 
     # ----- introspection (served by service.introspection) --------------------
 
@@ -402,7 +402,10 @@ class CNNService:
             "device": str(self.predictor.device),
             "dtype": self.predictor.dtype_name,
             "batching": {"max_batch_size": self.config.max_batch_size, "max_latency_ms": self.config.max_latency_ms,
-                         "dispatch": self.dispatch_path},
+                         "dispatch": self.dispatch_path,
+                         "admission": {"inflight_images": self.admission.inflight,
+                                       "model_images_per_s": round(self.admission.rate, 1),
+                                       "target_seconds": self.admission.budget_seconds}},
             "limits": {
                 "max_images_per_request": self.config.max_images_per_request,
                 "max_body_bytes": self.config.max_body_bytes,

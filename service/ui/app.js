@@ -1,0 +1,266 @@
+// The feature-map inspector. Plain browser JavaScript, no build step, no
+// external fetch: everything comes from the service's public endpoints
+// (/model, /classify, /feature_maps, /kernels), so it doubles as an example
+// of calling them.
+"use strict";
+
+const state = { model: null, image: null, imageUrl: null, apiKey: sessionStorage.getItem("apiKey") || "" };
+const $ = (id) => document.getElementById(id);
+
+// ----- talking to the API -------------------------------------------------------
+
+class ApiError extends Error {}
+
+async function api(path, options = {}) {
+  const headers = Object.assign({}, options.headers || {});
+  if (state.apiKey) headers["Authorization"] = `Bearer ${state.apiKey}`;
+  const response = await fetch(path, Object.assign({}, options, { headers }));
+  if (response.status === 401) {
+    $("api-key-box").hidden = false;
+    throw new ApiError("This service needs an API key: enter it above.");
+  }
+  if (!response.ok) {
+    let message = `${response.status} ${response.statusText}`;
+    try {
+      const body = await response.json();
+      const detail = Array.isArray(body) ? body[0] : body;
+      if (detail && (detail.detail || detail.error)) {
+        message = typeof detail.detail === "string" ? detail.detail : `${detail.error}: ${JSON.stringify(detail.detail)}`;
+      }
+    } catch (_) { /* not JSON: keep the status line */ }
+    if (response.status === 503) message += " (the service is busy; try again in a moment)";
+    throw new ApiError(message);
+  }
+  return response;
+}
+
+function imageForm(fields) {
+  const form = new FormData();
+  for (const [name, value] of Object.entries(fields)) {
+    if (value instanceof Blob) form.append(name, value, "input.png");
+    else form.append(name, typeof value === "string" ? value : JSON.stringify(value));
+  }
+  return form;
+}
+
+// ----- float16 (the /feature_maps `array` format) --------------------------------
+
+function halfToFloat(h) {
+  const sign = h & 0x8000 ? -1 : 1, exponent = (h >> 10) & 0x1f, fraction = h & 0x3ff;
+  if (exponent === 0) return sign * Math.pow(2, -14) * (fraction / 1024);
+  if (exponent === 31) return fraction ? NaN : sign * Infinity;
+  return sign * Math.pow(2, exponent - 15) * (1 + fraction / 1024);
+}
+
+function decodeArray(payload) {
+  const bytes = Uint8Array.from(atob(payload.data), (c) => c.charCodeAt(0));
+  const view = new DataView(bytes.buffer);
+  const values = new Float32Array(bytes.length / 2);
+  for (let i = 0; i < values.length; i++) values[i] = halfToFloat(view.getUint16(2 * i, true));
+  return values;
+}
+
+// ----- rendering ----------------------------------------------------------------
+
+function showError(message) {
+  $("error").textContent = message;
+  $("error").hidden = !message;
+}
+
+function renderPredictions(result) {
+  const list = $("predictions");
+  list.replaceChildren();
+  for (const entry of result.predictions[0].top_k) {
+    const item = document.createElement("li");
+    item.className = "prediction";
+    const label = document.createElement("span");
+    label.textContent = entry.label;
+    const bar = document.createElement("div");
+    bar.className = "bar";
+    bar.style.width = `${(100 * entry.probability).toFixed(1)}%`;
+    const value = document.createElement("span");
+    value.textContent = `${(100 * entry.probability).toFixed(1)}%`;
+    item.append(label, bar, value);
+    list.append(item);
+  }
+  $("model-line").textContent = `model ${result.model}`;
+}
+
+function describe(layer) {
+  const rows = [
+    ["output", layer.shape.join(" × ")],
+    ["kernel", layer.kernel === null ? "—" : `${layer.kernel}×${layer.kernel}`],
+    ["stride", layer.stride === null ? "—" : layer.stride],
+    ["padding", layer.padding === null ? "—" : layer.padding],
+    ["receptive field", `${layer.receptive_field}×${layer.receptive_field} px`],
+    ["jump", `${layer.jump} px`],
+    ["showing", `${layer.channels.length} of ${layer.shape[0]} channels`],
+  ];
+  const list = document.createElement("dl");
+  for (const [name, value] of rows) {
+    const dt = document.createElement("dt");
+    dt.textContent = name;
+    const dd = document.createElement("dd");
+    dd.textContent = value;
+    list.append(dt, dd);
+  }
+  return list;
+}
+
+function renderLayers(result) {
+  const container = $("layers");
+  container.replaceChildren();
+  for (const layer of result.layers) {
+    const section = document.createElement("div");
+    section.className = "layer";
+    section.dataset.layer = layer.layer;
+    const info = document.createElement("div");
+    const title = document.createElement("h3");
+    title.textContent = `${layer.layer} (${layer.type})`;
+    info.append(title, describe(layer));
+    const grid = document.createElement("img");
+    grid.className = "grid";
+    grid.dataset.layer = layer.layer;
+    grid.alt = `feature maps of ${layer.layer}`;
+    grid.src = `data:image/png;base64,${layer.png}`;
+    grid.title = "click a map to lay it over the input";
+    grid.addEventListener("click", (event) => overlayChannel(layer, grid, event).catch((e) => showError(e.message)));
+    section.append(info, grid);
+    container.append(section);
+  }
+  $("layers-panel").hidden = false;
+}
+
+// The grid is ceil(sqrt(n)) tiles wide with a 1-pixel gap (model/visualize.py).
+function channelAt(layer, grid, event) {
+  const n = layer.channels.length;
+  const columns = Math.ceil(Math.sqrt(n));
+  const rows = Math.ceil(n / columns);
+  const rect = grid.getBoundingClientRect();
+  const column = Math.min(columns - 1, Math.floor(((event.clientX - rect.left) / rect.width) * columns));
+  const row = Math.min(rows - 1, Math.floor(((event.clientY - rect.top) / rect.height) * rows));
+  return layer.channels[Math.min(n - 1, row * columns + column)];
+}
+
+async function overlayChannel(layer, grid, event) {
+  if (layer.shape.length !== 3) {
+    $("overlay-caption").textContent = `${layer.layer} is a vector, not a map: nothing to lay over the image.`;
+    return;
+  }
+  const channel = channelAt(layer, grid, event);
+  const response = await api("/feature_maps", {
+    method: "POST",
+    body: imageForm({ image: state.image, layers: [layer.layer], channels: [channel], format: "array",
+                      stage: $("stage-select").value }),
+  });
+  const payload = (await response.json()).layers[0].array;
+  const [, height, width] = payload.shape;
+  const values = decodeArray(payload);
+  let low = Infinity, high = -Infinity;
+  for (const v of values) { low = Math.min(low, v); high = Math.max(high, v); }
+  const canvas = $("overlay");
+  canvas.width = width;
+  canvas.height = height;
+  const context = canvas.getContext("2d");
+  const pixels = context.createImageData(width, height);
+  for (let i = 0; i < values.length; i++) {
+    const t = high > low ? (values[i] - low) / (high - low) : 0;
+    pixels.data.set([255 * t, 64 * t, 255 * (1 - t) * 0.6, 230 * t], 4 * i);  // strong = bright red
+  }
+  context.putImageData(pixels, 0, 0);
+  canvas.hidden = false;
+  $("overlay-caption").textContent =
+    `${layer.layer}, channel ${channel}: where it responds (red = strongest; each of its ${width}×${height} values sees ${layer.receptive_field}×${layer.receptive_field} input pixels).`;
+}
+
+async function loadKernels() {
+  const response = await api("/kernels?layer=conv1");
+  $("kernels").src = URL.createObjectURL(await response.blob());
+}
+
+// ----- the flow ------------------------------------------------------------------
+
+async function loadModel() {
+  if (!state.model) state.model = await (await api("/model")).json();
+  return state.model;
+}
+
+async function analyse(blob) {
+  showError("");
+  state.image = blob;
+  if (state.imageUrl) URL.revokeObjectURL(state.imageUrl);
+  state.imageUrl = URL.createObjectURL(blob);
+  $("input-image").src = state.imageUrl;
+  $("overlay").hidden = true;
+  $("result-panel").hidden = false;
+  try {
+    const model = await loadModel();
+    const layers = model.layers.filter((row) => row.name !== "input").map((row) => row.name);
+    const choice = $("channels-select").value;
+    const mapFields = { image: blob, layers, stage: $("stage-select").value, format: "png" };
+    if (choice !== "all") mapFields.top_channels = choice;
+    const [classified, maps] = await Promise.all([
+      api("/classify", { method: "POST", body: imageForm({ images: blob, top_k: "5" }) }),
+      api("/feature_maps", { method: "POST", body: imageForm(mapFields) }),
+      loadKernels(),
+    ]);
+    renderPredictions(await classified.json());
+    renderLayers(await maps.json());
+  } catch (error) {
+    showError(error instanceof ApiError ? error.message : `Something went wrong: ${error.message}`);
+  }
+}
+
+// Built-in samples, drawn here so the page needs no image files: the kinds of
+// pattern early layers respond to.
+const SAMPLES = {
+  stripes(ctx, s) { ctx.fillStyle = "#f4d35e"; ctx.fillRect(0, 0, s, s); ctx.fillStyle = "#0d3b66";
+    for (let y = 0; y < s; y += s / 8) ctx.fillRect(0, y, s, s / 16); },
+  circle(ctx, s) { ctx.fillStyle = "#cde6f5"; ctx.fillRect(0, 0, s, s); ctx.fillStyle = "#e4572e";
+    ctx.beginPath(); ctx.arc(s / 2, s / 2, s / 3, 0, 2 * Math.PI); ctx.fill(); },
+  cross(ctx, s) { ctx.fillStyle = "#2d3047"; ctx.fillRect(0, 0, s, s); ctx.fillStyle = "#e0ca3c";
+    ctx.fillRect(s * 0.42, s * 0.15, s * 0.16, s * 0.7); ctx.fillRect(s * 0.15, s * 0.42, s * 0.7, s * 0.16); },
+  checker(ctx, s) { const c = s / 6; for (let i = 0; i < 6; i++) for (let j = 0; j < 6; j++) {
+    ctx.fillStyle = (i + j) % 2 ? "#1b998b" : "#fffd82"; ctx.fillRect(i * c, j * c, c, c); } },
+};
+
+function sampleBlob(name) {
+  const canvas = document.createElement("canvas");
+  canvas.width = canvas.height = 128;
+  SAMPLES[name](canvas.getContext("2d"), 128);
+  return new Promise((resolve) => canvas.toBlob(resolve, "image/png"));
+}
+
+function setUp() {
+  for (const name of Object.keys(SAMPLES)) {
+    const button = document.createElement("button");
+    button.className = "button";
+    button.dataset.sample = name;
+    button.textContent = name;
+    button.addEventListener("click", async () => analyse(await sampleBlob(name)));
+    $("samples").append(button);
+  }
+  $("file-input").addEventListener("change", (event) => {
+    if (event.target.files.length) analyse(event.target.files[0]);
+  });
+  const zone = $("drop-zone");
+  zone.addEventListener("dragover", (event) => { event.preventDefault(); zone.classList.add("dragging"); });
+  zone.addEventListener("dragleave", () => zone.classList.remove("dragging"));
+  zone.addEventListener("drop", (event) => {
+    event.preventDefault();
+    zone.classList.remove("dragging");
+    if (event.dataTransfer.files.length) analyse(event.dataTransfer.files[0]);
+  });
+  for (const id of ["stage-select", "channels-select"]) {
+    $(id).addEventListener("change", () => { if (state.image) analyse(state.image); });
+  }
+  $("api-key-save").addEventListener("click", () => {
+    state.apiKey = $("api-key-input").value.trim();
+    sessionStorage.setItem("apiKey", state.apiKey);
+    $("api-key-box").hidden = true;
+    state.model = null;
+    if (state.image) analyse(state.image);
+  });
+}
+
+setUp();

@@ -1,0 +1,103 @@
+"""The feature-map inspector in a real headless Chromium, against the real service."""
+
+from __future__ import annotations
+
+import shutil
+
+import httpx
+import pytest
+
+from tests.images import shape_png
+
+pytestmark = pytest.mark.slow
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (make system-deps)")
+# Chromium on a machine with no network: nothing in the background may try to reach out.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--disable-quic", "--no-first-run", "--disable-dev-shm-usage"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield browser
+        browser.close()
+
+
+def open_ui(browser, url):
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    problems: list[str] = []
+    page.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda error: problems.append(str(error)))
+    page.goto(f"{url}/ui/")
+    return page, problems
+
+
+def test_ui_is_static_and_offline():
+    from service.introspection import UI_DIR
+
+    for path in UI_DIR.iterdir():
+        text = path.read_text()
+        assert "http://" not in text and "https://" not in text, f"{path.name} fetches from outside"
+
+
+def test_ui_is_linked_from_the_api_docs(server):
+    spec = httpx.get(f"{server.url}/docs.json", timeout=30).json()
+    assert "(/ui/)" in spec["info"]["description"]
+    assert httpx.get(f"{server.url}/ui", timeout=30, follow_redirects=True).status_code == 200
+
+
+@needs_chromium
+def test_upload_shows_predictions_feature_maps_and_kernels(browser, server, tmp_path):
+    layers = [row["name"] for row in httpx.get(f"{server.url}/model", timeout=30).json()["layers"][1:]]
+    image = tmp_path / "cross.png"
+    image.write_bytes(shape_png(4, size=96))
+    page, problems = open_ui(browser, server.url)
+    page.set_input_files("#file-input", str(image))
+
+    page.wait_for_selector(".prediction", timeout=30_000)
+    assert page.locator(".prediction").count() == 5
+    for layer in ("conv1", "conv5"):
+        page.wait_for_function(
+            f"() => {{ const i = document.querySelector('img.grid[data-layer={layer}]'); return i && i.complete && i.naturalWidth > 0; }}",
+            timeout=30_000,
+        )
+    rendered = page.eval_on_selector_all("img.grid", "imgs => imgs.map(i => [i.dataset.layer, i.naturalWidth])")
+    assert [name for name, _ in rendered] == layers  # every layer, in network order
+    assert all(width > 0 for _, width in rendered)
+    page.wait_for_function("() => document.getElementById('kernels').naturalWidth > 0", timeout=30_000)
+    info = page.locator(".layer[data-layer=conv1] dl").inner_text()
+    assert "receptive field" in info and "5×5 px" in info  # the small preset's conv1: 5x5 kernels
+
+    page.click("img.grid[data-layer=conv2]", position={"x": 3, "y": 3})
+    page.wait_for_selector("#overlay:not([hidden])", timeout=30_000)
+    assert "conv2, channel" in page.locator("#overlay-caption").inner_text()
+
+    page.screenshot(path=str(tmp_path / "inspector.png"), full_page=True)
+    assert (tmp_path / "inspector.png").stat().st_size > 10_000
+    assert problems == []
+    page.close()
+
+
+@needs_chromium
+def test_api_errors_are_shown_as_readable_messages(browser, server, tmp_path):
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_bytes(b"these are not pixels")
+    page, _ = open_ui(browser, server.url)
+    page.set_input_files("#file-input", str(not_an_image))
+    page.wait_for_selector("#error:not([hidden])", timeout=30_000)
+    assert "not a supported image" in page.locator("#error").inner_text()
+    page.close()
+
+
+@needs_chromium
+def test_samples_work_without_a_file(browser, server):
+    page, problems = open_ui(browser, server.url)
+    page.click("button[data-sample=checker]")
+    page.wait_for_selector(".prediction", timeout=30_000)
+    page.wait_for_selector("img.grid[data-layer=conv1]", timeout=30_000)
+    assert problems == []
+    page.close()
