@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,12 +23,28 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def private_home(env: dict[str, str]) -> tuple[dict[str, str], Path]:
+    """`env` with a BENTOML_HOME of its own that shares the model store of `env`'s.
+
+    `bentoml serve` empties BENTOML_HOME/prometheus_multiproc_dir when it
+    starts, so a second server on the same home (a load test next to `make
+    serve`, a test server next to another) would wipe the first one's metrics.
+    A private home whose `models` links to the shared store avoids that.
+    """
+    shared = Path(env.get("BENTOML_HOME") or Path.home() / "bentoml")
+    (shared / "models").mkdir(parents=True, exist_ok=True)
+    home = Path(tempfile.mkdtemp(prefix="bentoml-home-"))
+    (home / "models").symlink_to((shared / "models").resolve(), target_is_directory=True)
+    return {**env, "BENTOML_HOME": str(home)}, home
+
+
 class ServerProcess:
     def __init__(self, env: dict[str, str], log_path: Path, port: int | None = None):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = open(log_path, "wb")
+        env, self._home = private_home(env)
         bentoml = Path(sys.executable).parent / "bentoml"
         self.process = subprocess.Popen(
             [str(bentoml), "serve", ".", "--host", "127.0.0.1", "--port", str(self.port)],
@@ -65,3 +83,4 @@ class ServerProcess:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         self._log.close()
+        shutil.rmtree(self._home, ignore_errors=True)

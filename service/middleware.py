@@ -8,6 +8,8 @@ from __future__ import annotations
 import hmac
 import json
 
+from service.rewrites import amend_docs, uniform_errors
+
 # Inference and introspection need the key when one is set; health, metrics,
 # the OpenAPI spec and the UI's static files stay open.
 PROTECTED_PREFIXES = ("/classify", "/embed", "/feature_maps", "/model", "/kernels")
@@ -58,6 +60,10 @@ class GuardMiddleware:
             body, too_large = await self._read_body(receive)
             if too_large:
                 return await self._too_large(send, None)
+            if await _malformed_multipart(scope, body):
+                return await _send_json(send, 400, {
+                    "error": "malformed_multipart", "detail": "the multipart/form-data body could not be parsed",
+                })
             if _text_in_file_field(scope, body):
                 return await _send_json(send, 400, {
                     "error": "file_field_not_a_file",
@@ -65,8 +71,8 @@ class GuardMiddleware:
                 })
             receive = _replay(body)
         if path == "/docs.json":
-            send = _link_ui_in_docs(send)
-        await self.app(scope, receive, self._with_retry_after(send))
+            send = amend_docs(send, SHEDDABLE_PREFIXES)
+        await self.app(scope, receive, self._with_retry_after(uniform_errors(send)))
 
     def _authorized(self, scope) -> bool:
         for name, value in scope.get("headers", []):
@@ -120,40 +126,6 @@ class GuardMiddleware:
         return wrapped
 
 
-UI_LINK = (
-    "**[Open the feature-map inspector](/ui/)**: upload an image and see the predictions and what "
-    "every layer of the CNN computes.\n\n"
-)
-
-
-def _link_ui_in_docs(send):
-    """Put a link to /ui at the top of the OpenAPI description, which BentoML's page at / shows."""
-    start: dict = {}
-    chunks: list[bytes] = []
-
-    async def wrapped(message):
-        nonlocal start
-        if message["type"] == "http.response.start":
-            start = message
-            return
-        chunks.append(message.get("body", b""))
-        if message.get("more_body"):
-            return
-        body = b"".join(chunks)
-        if start.get("status") == 200:
-            try:
-                spec = json.loads(body)
-                spec.setdefault("info", {})["description"] = UI_LINK + spec["info"].get("description", "")
-                body = json.dumps(spec).encode()
-            except (ValueError, AttributeError):
-                pass
-        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
-        await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
-
-    return wrapped
-
-
 def _model_full(path: str) -> bool:
     import bentoml
 
@@ -163,6 +135,24 @@ def _model_full(path: str) -> bool:
         return False
     service.metrics.refusals.labels(path.strip("/").split("/")[0], "overloaded").inc()
     return True
+
+
+async def _malformed_multipart(scope, body: bytes) -> bool:
+    """Parse a multipart body the way BentoML will; a body it would choke on (500) is a 400."""
+    content_type = next((v for k, v in scope.get("headers", []) if k == b"content-type"), b"")
+    if not content_type.lower().startswith(b"multipart/"):
+        return False
+    if _multipart_boundary(scope) is None:
+        return True  # multipart without a boundary cannot be parsed at all
+    from starlette.requests import Request
+
+    request = Request(scope, _replay(body))
+    try:
+        form = await request.form()
+    except Exception:
+        return True
+    await form.close()
+    return False
 
 
 def _multipart_boundary(scope) -> bytes | None:

@@ -71,3 +71,18 @@ def server(cli_env, registered_model, tmp_path_factory):
     server = start_server(cli_env, log_dir, MAX_BODY_BYTES=str(3 * 1024 * 1024), MAX_IMAGES_PER_REQUEST="16")
     yield server
     server.stop()
+
+
+def serve_until_exit(env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    """`bentoml serve` for a start-up that must fail; a private home keeps the
+    session server's metrics directory intact (see loadtests.server.private_home)."""
+    import shutil
+
+    from loadtests.server import free_port, private_home
+
+    env, home = private_home(env)
+    try:
+        return subprocess.run([str(Path(sys.executable).parent / "bentoml"), "serve", ".", "--port", str(free_port())],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)

@@ -6,9 +6,7 @@ import base64
 import io
 import json
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import bentoml
 import httpx
@@ -21,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from model.checkpoint import load_checkpoint
 from model.inference import Predictor
 from model.preprocess import load_image
+from tests.conftest import serve_until_exit
 from tests.images import encode, shape_image, shape_png
 from tests.test_preprocess import png_header_only
 
@@ -338,21 +337,12 @@ def test_corrupt_checkpoint_stops_startup(cli_env, tiny_run, tmp_path):
     blob = bytearray(weights.read_bytes())
     blob[-5] ^= 0x55
     weights.write_bytes(bytes(blob))
-    bentoml_cli = Path(sys.executable).parent / "bentoml"
-    from loadtests.server import ROOT, free_port
-
-    result = subprocess.run([str(bentoml_cli), "serve", ".", "--port", str(free_port())], cwd=ROOT,
-                            env={**cli_env, "CHECKPOINT_DIR": str(broken)}, capture_output=True, text=True, timeout=120)
+    result = serve_until_exit({**cli_env, "CHECKPOINT_DIR": str(broken)})
     assert result.returncode != 0
     assert "sha256" in result.stdout + result.stderr and "weights.safetensors" in result.stdout + result.stderr
 
 
 def test_missing_model_stops_startup(cli_env, tmp_path):
-    bentoml_cli = Path(sys.executable).parent / "bentoml"
-    from loadtests.server import ROOT, free_port
-
-    result = subprocess.run([str(bentoml_cli), "serve", ".", "--port", str(free_port())], cwd=ROOT,
-                            env={**cli_env, "BENTOML_HOME": str(tmp_path / "empty_store")},
-                            capture_output=True, text=True, timeout=120)
+    result = serve_until_exit({**cli_env, "BENTOML_HOME": str(tmp_path / "empty_store")})
     assert result.returncode != 0
     assert "not in the BentoML model store" in result.stdout + result.stderr

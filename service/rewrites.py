@@ -1,0 +1,116 @@
+"""Rewrites of responses on their way out: uniform error bodies, and the
+OpenAPI spec amended with what BentoML cannot know (the /ui link, the
+refusals our guards return). Pure ASGI `send` wrappers, used by
+service.middleware.
+"""
+
+from __future__ import annotations
+
+import json
+
+
+def _rewrite_body(send, transform):
+    """Buffer one response and pass its (status, headers, body) through `transform`."""
+    start: dict = {}
+    chunks: list[bytes] = []
+
+    async def wrapped(message):
+        nonlocal start
+        if message["type"] == "http.response.start":
+            start = message
+            return
+        if message["type"] != "http.response.body":
+            return await send(message)
+        chunks.append(message.get("body", b""))
+        if message.get("more_body"):
+            return
+        headers = list(start.get("headers", []))
+        body = transform(start.get("status", 200), headers, b"".join(chunks))
+        headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
+        await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    return wrapped
+
+
+def _is_json(headers) -> bool:
+    return any(k.lower() == b"content-type" and v.startswith(b"application/json") for k, v in headers)
+
+
+def uniform_errors(send):
+    """Every error body as the documented {"error": str, "detail": str}.
+
+    BentoML's own refusals come as a one-element list, or with a list of
+    pydantic errors as `detail`, which contradicts the 400 schema BentoML
+    itself puts in the OpenAPI spec (found by schemathesis)."""
+
+    def transform(status, headers, body):
+        if status < 400 or not _is_json(headers):
+            return body
+        try:
+            data = json.loads(body)
+        except ValueError:
+            return body
+        if isinstance(data, list) and data and isinstance(data[0], dict):
+            data = data[0]
+        if not isinstance(data, dict):
+            return body
+        detail = data.get("detail", "")
+        if isinstance(detail, list):
+            detail = "; ".join(
+                f"{'.'.join(str(p) for p in item.get('loc', ())) or 'body'}: {item.get('msg', item)}"
+                if isinstance(item, dict) else str(item) for item in detail
+            )
+        elif not isinstance(detail, str):
+            detail = json.dumps(detail)
+        return json.dumps({"error": str(data.get("error", "error")), "detail": detail}).encode()
+
+    buffered = _rewrite_body(send, transform)
+    is_error = False
+
+    async def wrapped(message):
+        nonlocal is_error
+        if message["type"] == "http.response.start":
+            is_error = message["status"] >= 400
+        # Only error bodies are buffered and rewritten; successes stream through untouched.
+        await (buffered if is_error else send)(message)
+
+    return wrapped
+
+
+UI_LINK = (
+    "**[Open the feature-map inspector](/ui/)**: upload an image and see the predictions and what "
+    "every layer of the CNN computes.\n\n"
+)
+ERROR_RESPONSES = {
+    "401": "API key missing or wrong (only when API_KEY is set)",
+    "413": "body, image or image count over the limits",
+    "422": "an image that cannot be decoded, or an unknown layer or channel",
+    "503": "at capacity: retry after the Retry-After seconds",
+}
+
+
+def amend_docs(send, inference_paths: tuple[str, ...]):
+    """The OpenAPI spec, amended: a link to /ui (BentoML's page at / shows this
+    description) and the refusals the inference endpoints really return."""
+
+    def transform(status, headers, body):
+        if status != 200:
+            return body
+        try:
+            spec = json.loads(body)
+        except ValueError:
+            return body
+        spec.setdefault("info", {})["description"] = UI_LINK + spec["info"].get("description", "")
+        for path in inference_paths:
+            operation = spec.get("paths", {}).get(path, {}).get("post")
+            if operation is None:
+                continue
+            for code, description in ERROR_RESPONSES.items():
+                operation["responses"].setdefault(code, {
+                    "description": description,
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/InvalidArgument"}}},
+                })
+        return json.dumps(spec).encode()
+
+    return _rewrite_body(send, transform)

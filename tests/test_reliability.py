@@ -1,0 +1,215 @@
+"""Reliability and security under bad input, faults and overload -- with figures."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from loadtests.server import ROOT, ServerProcess, free_port, private_home
+from tests.conftest import serve_until_exit
+from tests import corpus
+from tests.images import shape_png
+
+pytestmark = pytest.mark.slow
+MAX_BODY = 3 * 1024 * 1024  # the session server's MAX_BODY_BYTES (conftest)
+
+
+def send(url: str, case: corpus.Case) -> httpx.Response:
+    if case.path.startswith("/kernels"):
+        return httpx.get(f"{url}{case.path}", timeout=60)
+    return httpx.post(f"{url}{case.path}", timeout=60, **case.kwargs)
+
+
+CASES = corpus.build(MAX_BODY)
+
+
+def test_corpus_is_big_enough():
+    assert sum(1 for c in CASES if c.status != 200) >= 20
+    assert sum(1 for c in CASES if c.status == 200) >= 10
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_corpus_case_gets_the_right_answer(server, case):
+    response = send(server.url, case)
+    assert response.status_code == case.status, response.text[:500]
+    body = response.json()
+    if case.status == 200:
+        assert len(body["predictions"]) == 1
+    else:
+        assert isinstance(body["error"], str) and isinstance(body["detail"], str) and body["detail"]
+        if case.reason:
+            assert body["error"] == case.reason
+
+
+def test_worker_survives_the_corpus_and_memory_stays_bounded(server):
+    pids = server.worker_pids()
+    worker = psutil.Process(max(pids))
+
+    def one_pass():
+        for case in CASES:
+            assert send(server.url, case).status_code < 500, case.name
+
+    one_pass()  # warm: allocator pools, lazily loaded codecs
+    before = worker.memory_info().rss
+    for _ in range(4):
+        one_pass()
+    growth = worker.memory_info().rss - before
+    print(f"\nworker RSS growth over 4 corpus passes ({4 * len(CASES)} requests): {growth / 2**20:.1f} MiB")
+    assert server.worker_pids() == pids, "a worker restarted"
+    assert growth < 64 * 2**20
+
+
+def test_schemathesis_finds_no_server_error_and_no_spec_violation(server, tmp_path):
+    schemathesis = Path(sys.executable).parent / "schemathesis"
+    result = subprocess.run(
+        [str(schemathesis), "run", f"{server.url}/docs.json", "--checks",
+         "not_a_server_error,response_schema_conformance,content_type_conformance,status_code_conformance",
+         "--max-examples", os.environ.get("FUZZ_EXAMPLES", "15"), "--phases", "examples,coverage,fuzzing",
+         "--request-timeout", "30", "--seed", "1"],
+        capture_output=True, text=True, timeout=900, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout[-6000:]
+    assert "passed" in result.stdout
+
+
+# ----- faults ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def own_server(cli_env, registered_model, tmp_path):
+    servers = []
+
+    def start(**env):
+        server = ServerProcess({**cli_env, **env}, tmp_path / f"server{len(servers)}.log")
+        servers.append(server)
+        server.wait_ready()
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def test_sigkill_worker_under_load_recovers(own_server):
+    server = own_server()
+    files = [("images", ("x.png", shape_png(1), "image/png"))]
+    outcomes: list[tuple[float, str]] = []
+    stop = threading.Event()
+
+    def load():
+        with httpx.Client(timeout=10) as client:
+            while not stop.is_set():
+                try:
+                    status = str(client.post(f"{server.url}/classify", files=files).status_code)
+                except httpx.HTTPError as err:
+                    status = type(err).__name__
+                outcomes.append((time.time(), status))
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(2)
+    (old_worker,) = [p for p in server.worker_pids() if _is_worker(p)]
+    killed_at = time.time()
+    os.kill(old_worker, signal.SIGKILL)
+    recovered_at = None
+    while time.time() - killed_at < 120:
+        ok_after = [t for t, status in outcomes if t > killed_at + 0.5 and status == "200"]
+        if ok_after:
+            recovered_at = min(ok_after)
+            break
+        time.sleep(0.2)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert recovered_at is not None, "the service never answered again"
+    recovery = recovered_at - killed_at
+    failures = sorted({s for t, s in outcomes if killed_at <= t <= recovered_at and s != "200"})
+    print(f"\nworker SIGKILLed under load: serving again after {recovery:.1f} s; clients saw {failures}")
+    assert recovery < 90
+    assert httpx.get(f"{server.url}/readyz", timeout=10).status_code == 200
+    assert old_worker not in server.worker_pids()
+    assert all(s in {"200", "503", "ConnectError", "RemoteProtocolError", "ReadError", "ReadTimeout"}
+               for _, s in outcomes), {s for _, s in outcomes}
+
+
+def _is_worker(pid: int) -> bool:
+    return "serve" in " ".join(psutil.Process(pid).cmdline()) or "_bentoml_impl" in " ".join(psutil.Process(pid).cmdline())
+
+
+def test_sigterm_drains_in_flight_requests(own_server, tmp_path):
+    from loadtests.__main__ import untrained_checkpoint
+
+    # A slow model (AlexNet, one image per forward) so requests are really in flight when SIGTERM lands.
+    checkpoint = untrained_checkpoint("alexnet", tmp_path / "alexnet")
+    server = own_server(CHECKPOINT_DIR=str(checkpoint), MAX_BATCH_SIZE="2", MAX_LATENCY_MS="30000")
+    files = [("images", ("x.png", shape_png(2), "image/png"))]
+    results: list[int | str] = []
+
+    def request():
+        try:
+            results.append(httpx.post(f"{server.url}/classify", files=files, timeout=60).status_code)
+        except httpx.HTTPError as err:
+            results.append(type(err).__name__)
+
+    threads = [threading.Thread(target=request) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.4)
+    os.killpg(server.process.pid, signal.SIGTERM)
+    for thread in threads:
+        thread.join()
+    server.process.wait(timeout=60)
+    print(f"\nSIGTERM with 8 requests in flight: {results}")
+    assert results == [200] * 8
+
+
+def test_tampered_model_in_the_store_refuses_to_start(cli_env, tiny_run, run_cli, tmp_path):
+    home = tmp_path / "store"
+    env = {**cli_env, "BENTOML_HOME": str(home)}
+    subprocess.run([sys.executable, "-m", "training", "register", str(tiny_run)], cwd=ROOT, env=env, check=True,
+                   capture_output=True, timeout=120)
+    (weights,) = home.glob("models/cnn-classifier/*/weights.safetensors")
+    blob = bytearray(weights.read_bytes())
+    blob[100] ^= 0x01
+    weights.write_bytes(bytes(blob))
+    result = serve_until_exit(env)
+    assert result.returncode != 0
+    assert "sha256" in result.stdout + result.stderr
+
+
+def test_model_tag_cannot_walk_out_of_the_store(cli_env, tmp_path):
+    result = serve_until_exit({**cli_env, "MODEL_TAG": "../../../etc/passwd"})
+    assert result.returncode != 0
+    assert "cannot serve" in result.stdout + result.stderr
+
+
+def test_binds_loopback_unless_told_otherwise(cli_env, registered_model, tmp_path):
+    port = free_port()
+    log = open(tmp_path / "server.log", "wb")
+    env, home = private_home(cli_env)
+    process = subprocess.Popen([str(Path(sys.executable).parent / "bentoml"), "serve", ".", "--port", str(port)],
+                               cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        listening = []
+        while time.time() < deadline and not listening:
+            listening = [c.laddr.ip for c in psutil.net_connections("tcp")
+                         if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+            time.sleep(0.5)
+        assert listening and set(listening) <= {"127.0.0.1"}, listening
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+        log.close()
+        shutil.rmtree(home, ignore_errors=True)
