@@ -33,6 +33,13 @@ from loadtests.server import ROOT, ServerProcess
 
 BATCH_SIZES = (1, 8, 32, 64)
 CONCURRENCY = (1, 8, 32, 64)
+# A closed-loop client resends the moment it is answered, so N clients keep N
+# images queued: on a 2-core CPU, 64 AlexNet images take 1-1.5 s to drain, and
+# BentoML's dispatcher sheds a request once its wait plus the predicted batch
+# time passes max_latency_ms. This benchmark measures throughput, so it gives
+# the queue room; shedding under overload is measured by the load tests'
+# overload scenario with the default budget.
+DEFAULT_SERVER_ENV = {"MAX_LATENCY_MS": "3000"}
 
 
 def raw_throughput(preset: str, seconds_per_size: float = 3.0) -> dict[int, float]:
@@ -184,10 +191,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15.0, help="per concurrency level")
     parser.add_argument("--reports", type=Path, default=ROOT / "reports")
     parser.add_argument("--clients", type=int, nargs="+", default=list(CONCURRENCY))
-    parser.add_argument("--env", action="append", default=[], help="server environment override KEY=VALUE")
+    parser.add_argument("--env", action="append", default=[],
+                        help=f"server environment override KEY=VALUE (defaults: {DEFAULT_SERVER_ENV})")
     args = parser.parse_args()
     args.reports.mkdir(parents=True, exist_ok=True)
-    overrides = dict(item.split("=", 1) for item in args.env)
+    overrides = {**DEFAULT_SERVER_ENV, **dict(item.split("=", 1) for item in args.env)}
     results = {
         "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                     "torch": torch.__version__, "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,

@@ -157,20 +157,23 @@ SMALL = ModelConfig(
 )
 
 # For 32x32 photos (CIFAR-10 and the like): no stride in conv1, since the image
-# is already tiny; three 2x2 pools take 32 -> 4.
+# is already tiny; three 2x2 pools take 32 -> 4. Narrow on purpose: on a
+# 2-core CPU a 4-minute budget buys ~25 epochs of this net against ~8 of one
+# twice as wide (64-128-192-192-128), and the extra epochs win (74.8% against
+# 65.6% test top-1 on the 10k-image CIFAR subset; README).
 CIFAR = ModelConfig(
     name="cifar",
     input_size=32,
     num_classes=10,
     conv_stages=(
+        ConvStage(32, kernel=3, padding=1, norm="batchnorm", pool_kernel=2, pool_stride=2),
         ConvStage(64, kernel=3, padding=1, norm="batchnorm", pool_kernel=2, pool_stride=2),
-        ConvStage(128, kernel=3, padding=1, norm="batchnorm", pool_kernel=2, pool_stride=2),
-        ConvStage(192, kernel=3, padding=1, norm="batchnorm"),
-        ConvStage(192, kernel=3, padding=1, norm="batchnorm"),
-        ConvStage(128, kernel=3, padding=1, norm="batchnorm", pool_kernel=2, pool_stride=2),
+        ConvStage(96, kernel=3, padding=1, norm="batchnorm"),
+        ConvStage(96, kernel=3, padding=1, norm="batchnorm"),
+        ConvStage(96, kernel=3, padding=1, norm="batchnorm", pool_kernel=2, pool_stride=2),
     ),
-    fc_widths=(512, 512),
-    dropout=0.3,
+    fc_widths=(256, 256),
+    dropout=0.1,
 )
 
 IMAGENET_PREPROCESSING = Preprocessing(input_size=224, resize_size=256)

@@ -119,9 +119,8 @@ class CNNService:
         self.warmup_seconds = self.predictor.warm_up((1, min(8, CONFIG.max_batch_size)))
         probe = self.predictor.predict(torch.zeros(8, 3, self.predictor.input_size, self.predictor.input_size,
                                                    dtype=torch.uint8))
-        # Aim admitted work at 60% of the latency budget: the rest is headroom for
-        # decoding, HTTP and the variance of a busy machine.
-        self.admission = Admission(0.6 * CONFIG.max_latency_ms / 1000, 8 / probe.forward_seconds)
+        self.admission = Admission(CONFIG.admission_target * CONFIG.max_latency_ms / 1000,
+                                   8 / probe.forward_seconds)
         self._update_gpu_gauges()
         self.ready = True
         print(f"serving {self.model_tag} ({self.manifest.preset}, {len(self.manifest.class_names)} classes) on "
