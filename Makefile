@@ -10,7 +10,7 @@ HOST ?= 127.0.0.1
 PORT ?= 3000
 MODEL_OUT ?= runs/default
 
-.PHONY: install default-model serve test test-fast system-deps loadtest loadtest-overload bench clean
+.PHONY: install default-model serve test test-fast fuzz system-deps loadtest loadtest-overload bench clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON_BIN) -m venv $(VENV)
@@ -45,6 +45,10 @@ test: $(INSTALLED) system-deps
 
 test-fast: $(INSTALLED)
 	$(PY) -m pytest -m "not slow"
+
+# The schemathesis run of `make test` with many more examples per operation (FUZZ_EXAMPLES).
+fuzz: $(INSTALLED)
+	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-300} $(PY) -m pytest -s tests/test_reliability.py -k schemathesis
 
 # Locust against a service this target starts (needs the default model); reports/ gets CSV + HTML.
 loadtest: default-model

@@ -202,6 +202,22 @@ class FeatureMapInspector(_Checked):
     def stats(self):
         self._maps("stats", {"stage": "pre_relu"})
 
+    @task(1)
+    def gradcam(self):
+        image = random.choice(IMAGES)
+
+        def check(body: dict) -> str | None:
+            side = body["input_size"]
+            if not 0 <= body["probability"] <= 1 or len(body["layer_map"]["shape"]) != 2:
+                return f"bad Grad-CAM body: {str(body)[:200]}"
+            png = base64.b64decode(body["heatmap_png"])
+            # PNG header: width and height as big-endian 32-bit at bytes 16..24
+            if png[:8] != b"\x89PNG\r\n\x1a\n" or png[16:24] != side.to_bytes(4, "big") * 2:
+                return "heat map is not a PNG of the input size"
+            return None
+
+        self._post("gradcam", check, files=[("image", (image.name, image.data, image.content_type))])
+
 
 class EmbeddingClient(_Checked):
     weight = WEIGHTS["embedding"]

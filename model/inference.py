@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from model.checkpoint import Checkpoint
+from model.gradcam import ClassActivationMap, grad_cam
 from model.network import STAGES
 from model.preprocess import Normalizer
 
@@ -88,6 +89,13 @@ class Predictor:
         with self._lock, self._autocast():
             found = self.model.extract(self._prepare(image.unsqueeze(0)), {name: stage for name in layers})
         return {name: found[name][0].float().cpu() for name in layers}
+
+    def grad_cam(self, image: torch.Tensor, layer: str, class_index: int | None = None) -> ClassActivationMap:
+        """Grad-CAM of one uint8 (3, S, S) image at a conv layer (fp32, with gradients; see model.gradcam)."""
+        if class_index is not None and not 0 <= class_index < self.model.config.num_classes:
+            raise IndexError(f"class_index must be in 0..{self.model.config.num_classes - 1}")
+        with self._lock:
+            return grad_cam(self.model, self._prepare(image.unsqueeze(0)), layer, class_index)
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1, 8)) -> float:
         """Run a few forwards so the first real request does not pay for lazy

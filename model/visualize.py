@@ -60,6 +60,15 @@ def feature_map_grid(maps: torch.Tensor, min_tile: int = 32) -> torch.Tensor:
     return _to_uint8_hwc(_grid(tiles))
 
 
+def heatmap_rgba(heatmap: torch.Tensor) -> torch.Tensor:
+    """A (H, W) map in [0, 1] -> uint8 (H, W, 4) to lay over an image: cold
+    places transparent, warm ones from faint yellow to strong red (alpha grows
+    with the square, so only the hot spots cover the image)."""
+    t = heatmap.detach().float().cpu().clamp(0, 1)
+    rgba = torch.stack([torch.ones_like(t), 1 - t, torch.zeros_like(t), 0.8 * t * t], dim=-1)
+    return (rgba * 255).round().to(torch.uint8)
+
+
 def _to_uint8_hwc(image: torch.Tensor) -> torch.Tensor:
     return (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous()
 

@@ -41,6 +41,7 @@ class ServiceConfig:
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     max_feature_map_bytes: int = 8 * 1024 * 1024  # cap on one /feature_maps response
+    batch_dispatch: str = "auto"  # auto: straight to BentoML's dispatcher; http: through in-process HTTP
     forward_threads: int = 1  # forward passes at once (BentoML `threads` for the batch API)
     torch_threads: int = 0  # intra-op threads per forward; 0 = cores / forward_threads
     max_concurrency: int = 256  # requests in flight per worker before 503
@@ -64,6 +65,7 @@ class ServiceConfig:
             max_image_pixels=_int("MAX_IMAGE_PIXELS", cls.max_image_pixels),
             max_feature_map_bytes=_int("MAX_FEATURE_MAP_BYTES", cls.max_feature_map_bytes),
             max_concurrency=_int("MAX_CONCURRENCY", cls.max_concurrency),
+            batch_dispatch=os.environ.get("BATCH_DISPATCH") or cls.batch_dispatch,
             forward_threads=_int("FORWARD_THREADS", cls.forward_threads),
             torch_threads=_int("TORCH_THREADS", cls.torch_threads),
             request_timeout_s=_int("REQUEST_TIMEOUT_S", cls.request_timeout_s),

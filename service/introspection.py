@@ -18,20 +18,49 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-UI_DIR = Path(__file__).parent / "ui"
-
 from model.visualize import encode_png, kernel_grid
+
+UI_DIR = Path(__file__).parent / "ui"
 
 
 def _error(status: int, reason: str, detail: str) -> JSONResponse:
     return JSONResponse({"error": reason, "detail": detail}, status_code=status)
 
 
-async def model_info(request: Request) -> Response:
+def describe_model(service) -> dict:
     """The served model: preset, classes, preprocessing, training metrics,
-    checkpoint sha256, device, dtype, batching settings and the layer table."""
-    service = bentoml.get_current_service()
-    return JSONResponse(service.model_description())
+    checkpoint sha256, device, dtype, batching settings, limits and the layer table."""
+    manifest = service.manifest.to_dict()
+    training = dict(manifest.get("training", {}))
+    training.pop("history", None)  # long; the report command plots it
+    config = service.config
+    return {
+        "tag": service.model_tag,
+        "preset": service.manifest.preset,
+        "classes": service.manifest.class_names,
+        "preprocessing": manifest["preprocessing"],
+        "model_config": manifest["model_config"],
+        "training": training,
+        "weights_sha256": service.manifest.weights_sha256,
+        "device": str(service.predictor.device),
+        "dtype": service.predictor.dtype_name,
+        "batching": {"max_batch_size": config.max_batch_size, "max_latency_ms": config.max_latency_ms,
+                     "dispatch": service.dispatch_path,
+                     "admission": {"inflight_images": service.admission.inflight,
+                                   "model_images_per_s": round(service.admission.rate, 1),
+                                   "target_seconds": service.admission.budget_seconds}},
+        "limits": {
+            "max_images_per_request": config.max_images_per_request,
+            "max_body_bytes": config.max_body_bytes,
+            "max_image_pixels": config.max_image_pixels,
+            "max_feature_map_bytes": config.max_feature_map_bytes,
+        },
+        "layers": [row.to_dict() for row in service.layers.values()],
+    }
+
+
+async def model_info(request: Request) -> Response:
+    return JSONResponse(describe_model(bentoml.get_current_service()))
 
 
 async def kernels(request: Request) -> Response:

@@ -12,13 +12,17 @@ from service.rewrites import amend_docs, uniform_errors
 
 # Inference and introspection need the key when one is set; health, metrics,
 # the OpenAPI spec and the UI's static files stay open.
-PROTECTED_PREFIXES = ("/classify", "/embed", "/feature_maps", "/model", "/kernels")
+PROTECTED_PREFIXES = ("/classify", "/embed", "/feature_maps", "/gradcam", "/model", "/kernels")
 # Multipart fields that must carry uploaded files. BentoML would treat a plain
 # text value in such a field as a URL and download it (server-side request
 # forgery); we refuse that before BentoML sees the form.
 FILE_FIELDS = (b"images", b"image")
 # Inference paths refused before their body is even read when the model is full.
-SHEDDABLE_PREFIXES = ("/classify", "/embed", "/feature_maps")
+SHEDDABLE_PREFIXES = ("/classify", "/embed", "/feature_maps", "/gradcam")
+# BentoML serves every API over HTTP, the internal batched forward included;
+# only the service itself (holding the per-process token) may call it.
+INTERNAL_PREFIX = "/internal/"
+INTERNAL_TOKEN_HEADER = b"x-internal-token"
 
 
 async def _send_json(send, status: int, body: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:
@@ -33,16 +37,19 @@ async def _send_json(send, status: int, body: dict, headers: list[tuple[bytes, b
 
 
 class GuardMiddleware:
-    def __init__(self, app, max_body_bytes: int, api_key: str | None, retry_after_s: int):
+    def __init__(self, app, max_body_bytes: int, api_key: str | None, retry_after_s: int, internal_token: str):
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.api_key = api_key.encode() if api_key else None
         self.retry_after = str(retry_after_s).encode()
+        self.internal_token = internal_token.encode()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
+        if path.startswith(INTERNAL_PREFIX) and not self._internal(scope):
+            return await _send_json(send, 404, {"error": "not_found", "detail": f"no route {path}"})
         if self.api_key and path.startswith(PROTECTED_PREFIXES) and not self._authorized(scope):
             return await _send_json(
                 send, 401, {"error": "unauthorized", "detail": "missing or wrong 'Authorization: Bearer <key>'"},
@@ -71,8 +78,12 @@ class GuardMiddleware:
                 })
             receive = _replay(body)
         if path == "/docs.json":
-            send = amend_docs(send, SHEDDABLE_PREFIXES)
+            send = amend_docs(send, SHEDDABLE_PREFIXES, INTERNAL_PREFIX)
         await self.app(scope, receive, self._with_retry_after(uniform_errors(send)))
+
+    def _internal(self, scope) -> bool:
+        token = next((v for k, v in scope.get("headers", []) if k == INTERNAL_TOKEN_HEADER), b"")
+        return hmac.compare_digest(token, self.internal_token)
 
     def _authorized(self, scope) -> bool:
         for name, value in scope.get("headers", []):

@@ -85,14 +85,59 @@ UI_LINK = (
 ERROR_RESPONSES = {
     "401": "API key missing or wrong (only when API_KEY is set)",
     "413": "body, image or image count over the limits",
-    "422": "an image that cannot be decoded, or an unknown layer or channel",
+    "422": "an image that cannot be decoded, or an unknown layer, channel or class",
     "503": "at capacity: retry after the Retry-After seconds",
 }
 
 
-def amend_docs(send, inference_paths: tuple[str, ...]):
+_ERROR_BODY = {"application/json": {"schema": {"$ref": "#/components/schemas/InvalidArgument"}}}
+
+# The GET endpoints of service.introspection: mounted Starlette routes, which
+# BentoML does not put in the spec itself.
+INTROSPECTION_PATHS = {
+    "/model": {"get": {
+        "summary": "The served model",
+        "description": "Preset, classes, preprocessing, training metrics, checkpoint sha256, device, dtype, "
+                       "batching settings, limits and the layer table (per layer: kernel, stride, padding, "
+                       "output shape, receptive field, jump, parameters, multiply-adds).",
+        "responses": {
+            "200": {"description": "the model description", "content": {"application/json": {"schema": {
+                "type": "object",
+                "required": ["tag", "preset", "classes", "preprocessing", "weights_sha256", "device", "dtype",
+                             "layers"],
+                "properties": {
+                    "tag": {"type": "string"}, "preset": {"type": "string"},
+                    "classes": {"type": "array", "items": {"type": "string"}},
+                    "preprocessing": {"type": "object"}, "training": {"type": "object"},
+                    "weights_sha256": {"type": "string"}, "device": {"type": "string"},
+                    "dtype": {"type": "string"}, "batching": {"type": "object"}, "limits": {"type": "object"},
+                    "layers": {"type": "array", "items": {"type": "object"}},
+                },
+            }}}},
+            "401": {"description": ERROR_RESPONSES["401"], "content": _ERROR_BODY},
+        },
+    }},
+    "/kernels": {"get": {
+        "summary": "Learned kernels as a PNG grid",
+        "description": "The kernels of one conv layer, each scaled to [0, 1] on its own: conv1's in colour "
+                       "(3 input channels), deeper layers as their mean over input channels.",
+        "parameters": [{"name": "layer", "in": "query", "required": False,
+                        "schema": {"type": "string", "default": "conv1"},
+                        "description": "a conv layer name from GET /model"}],
+        "responses": {
+            "200": {"description": "the kernel grid", "content": {"image/png": {
+                "schema": {"type": "string", "format": "binary"}}}},
+            "401": {"description": ERROR_RESPONSES["401"], "content": _ERROR_BODY},
+            "422": {"description": "not a conv layer of this model", "content": _ERROR_BODY},
+        },
+    }},
+}
+
+
+def amend_docs(send, inference_paths: tuple[str, ...], internal_prefix: str):
     """The OpenAPI spec, amended: a link to /ui (BentoML's page at / shows this
-    description) and the refusals the inference endpoints really return."""
+    description), the refusals the inference endpoints really return, the GET
+    endpoints BentoML does not know of, and without the internal route."""
 
     def transform(status, headers, body):
         if status != 200:
@@ -102,15 +147,16 @@ def amend_docs(send, inference_paths: tuple[str, ...]):
         except ValueError:
             return body
         spec.setdefault("info", {})["description"] = UI_LINK + spec["info"].get("description", "")
+        paths = spec.setdefault("paths", {})
+        for path in [p for p in paths if p.startswith(internal_prefix)]:
+            del paths[path]
         for path in inference_paths:
-            operation = spec.get("paths", {}).get(path, {}).get("post")
+            operation = paths.get(path, {}).get("post")
             if operation is None:
                 continue
             for code, description in ERROR_RESPONSES.items():
-                operation["responses"].setdefault(code, {
-                    "description": description,
-                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/InvalidArgument"}}},
-                })
+                operation["responses"].setdefault(code, {"description": description, "content": _ERROR_BODY})
+        paths.update(INTROSPECTION_PATHS)
         return json.dumps(spec).encode()
 
     return _rewrite_body(send, transform)

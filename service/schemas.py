@@ -73,3 +73,17 @@ class FeatureMapsResponse(BaseModel):
     format: FeatureFormat
     input_size: int
     layers: list[LayerFeatureMaps]
+
+
+class GradCamResponse(BaseModel):
+    model: str
+    layer: str = Field(description="the conv layer whose maps are weighted (default: the last one)")
+    class_index: int
+    label: str
+    probability: float
+    input_size: int
+    layer_map: ArrayPayload = Field(description="the class-activation map at the layer's resolution, in [0, 1]")
+    receptive_field: int = Field(description="input pixels one cell of layer_map sees (per side)")
+    jump: int = Field(description="input pixels between neighbouring cells of layer_map")
+    heatmap_png: str = Field(description="base64 RGBA PNG at input_size x input_size to lay over the "
+                                         "resized, center-cropped input: transparent where cold, red where hot")

@@ -20,7 +20,6 @@ Only tickets cross the in-process JSON hop, never pixels or pickles.
 from __future__ import annotations
 
 import base64
-import binascii
 import contextlib
 import os
 import secrets
@@ -39,15 +38,18 @@ from model.checkpoint import CheckpointError, load_checkpoint
 from model.inference import Predictor, configure_cpu_threads, pick_device
 from model.preprocess import DecodeLimits, ImageRejected, load_image
 from model.summary import layer_table
+from model.visualize import encode_png, heatmap_rgba
 from service.admission import Admission
 from service.config import CONFIG
 from service.errors import Refusal
 from service.feature_maps import choose_channels, estimated_bytes, layer_payload
+from service.inputs import collect_payloads
 from service.introspection import introspection_app
 from service.metrics import ServiceMetrics
 from service.middleware import GuardMiddleware
 from service.schemas import (
-    ClassifyResponse, EmbedResponse, FeatureFormat, FeatureMapsResponse, ImagePrediction, LabelScore, Stage,
+    ArrayPayload, ClassifyResponse, EmbedResponse, FeatureFormat, FeatureMapsResponse, GradCamResponse,
+    ImagePrediction, LabelScore, Stage,
 )
 
 def _locate_model() -> tuple[Path, str]:
@@ -79,6 +81,8 @@ MODEL_PATH, MODEL_TAG = _locate_model()
 _load_or_exit(MODEL_PATH)
 
 FORWARD_ROUTE = "/internal/forward_batch"
+# Lets the in-process HTTP fallback of `_submit` through the guard on /internal/.
+INTERNAL_TOKEN = secrets.token_urlsafe(32)
 _WANTS_GPU = CONFIG.device.startswith("cuda") or (CONFIG.device == "auto" and torch.cuda.is_available())
 
 
@@ -178,6 +182,20 @@ class CNNService:
             "feature_maps", self._feature_maps(image, image_base64, layers, channels, top_channels, stage, format)
         )
 
+    @bentoml.api(route="/gradcam")
+    async def gradcam(
+        self,
+        image: Path = Field(default=None),  # not Optional: see `images` above
+        image_base64: str | None = None,
+        layer: str | None = None,
+        class_index: Annotated[int | None, Field(ge=0)] = None,
+    ) -> GradCamResponse:
+        """Where the evidence for a class lies in one image (Grad-CAM,
+        Selvaraju et al. 2017): the maps of a conv `layer` (default: the last),
+        weighted by how much each raises the class score. `class_index`
+        (default: the top-1 class) picks the class to explain."""
+        return await self._guarded("gradcam", self._gradcam(image, image_base64, layer, class_index))
+
     # ----- the batched forward (internal) -------------------------------------
 
     @bentoml.api(
@@ -237,7 +255,7 @@ class CNNService:
         )
 
     async def _run_batched(self, endpoint: str, images, images_base64) -> tuple[torch.Tensor, torch.Tensor]:
-        payloads = self._collect_payloads(images, images_base64, plural=True)
+        payloads = collect_payloads(images, images_base64, True, self.config.max_images_per_request)
         async with self._admitted(len(payloads)):
             tensors = await self._decode_all(endpoint, payloads)
             tickets = [secrets.token_urlsafe(16) for _ in tensors]
@@ -267,11 +285,13 @@ class CNNService:
         Fast path: hand them straight to the dispatcher of the running app
         (BentoML's own `batch_infer`, found on the route it built for
         FORWARD_ROUTE), which skips an HTTP round of parsing, middleware and
-        JSON per request. If this BentoML version is laid out differently, the
-        same call goes over in-process HTTP instead (tests pin which path runs).
+        JSON per request. If this BentoML version is laid out differently (or
+        BATCH_DISPATCH=http), the same call goes over in-process HTTP instead;
+        tests pin which path runs, and run both.
         """
         if self._dispatch is None:
-            self._dispatch = self._find_dispatcher() or self._dispatch_over_http
+            direct = self._find_dispatcher() if self.config.batch_dispatch == "auto" else None
+            self._dispatch = direct or self._dispatch_over_http
         try:
             await self._dispatch(tickets)
         except ServiceUnavailable:  # the dispatcher predicts a miss of max_latency_ms
@@ -293,29 +313,12 @@ class CNNService:
             self.dispatch_path = "http"
             self._client = httpx.AsyncClient(
                 transport=httpx.ASGITransport(app=self.to_async.app), base_url="http://cnn-service.internal",
-                timeout=self.config.request_timeout_s,
+                timeout=self.config.request_timeout_s, headers={"x-internal-token": INTERNAL_TOKEN},
             )
         response = await self._client.post(FORWARD_ROUTE, json={"tickets": tickets})
         if response.status_code == 503:
             raise ServiceUnavailable("process is overloaded")
         response.raise_for_status()
-
-    def _collect_payloads(self, files, encoded, plural: bool) -> list[bytes]:
-        field, field_b64 = ("images", "images_base64") if plural else ("image", "image_base64")
-        if files and encoded:
-            raise Refusal(400, "ambiguous_input", f"send `{field}` or `{field_b64}`, not both")
-        payloads: list[bytes] = []
-        if files:
-            payloads = [Path(f).read_bytes() for f in files]
-        elif encoded:
-            for index, text in enumerate(encoded):
-                payloads.append(_b64decode(text, f"{field_b64}[{index}]" if plural else field_b64))
-        if not payloads:
-            raise Refusal(400, "no_image", f"no image given: send `{field}` (multipart) or `{field_b64}` (JSON)")
-        if len(payloads) > self.config.max_images_per_request:
-            raise Refusal(413, "too_many_images",
-                          f"{len(payloads)} images in one request; the limit is {self.config.max_images_per_request}")
-        return payloads
 
     async def _decode_all(self, endpoint: str, payloads: list[bytes]) -> list[torch.Tensor]:
         """Decode every image in parallel threads; the first bad image (by position) refuses the request."""
@@ -354,8 +357,7 @@ class CNNService:
                           f"unknown layer(s) {unknown[:10]}; valid: {list(self.predictor.model.named_layers)}")
         if channels is not None and top_channels is not None:
             raise Refusal(400, "ambiguous_channels", "give `channels` or `top_channels`, not both")
-        data = (self._collect_payloads([image] if image else None,
-                                       [image_base64] if image_base64 else None, plural=False))[0]
+        data = collect_payloads([image] if image else None, [image_base64] if image_base64 else None, False)[0]
         async with self._admitted(1):
             tensor = (await self._decode_all("feature_maps", [data]))[0]
             start = time.perf_counter()
@@ -377,6 +379,31 @@ class CNNService:
         self.metrics.images.labels("feature_maps").inc()
         return response
 
+    async def _gradcam(self, image, image_base64, layer, class_index) -> GradCamResponse:
+        convs = [n for n, row in self.layers.items() if row.type == "conv"]
+        layer = layer or convs[-1]
+        if layer not in convs:
+            raise Refusal(422, "unknown_layer", f"Grad-CAM needs a conv layer; {layer!r} is not one of {convs}")
+        classes = self.manifest.class_names
+        if class_index is not None and class_index >= len(classes):
+            raise Refusal(422, "class_out_of_range", f"class_index must be in 0..{len(classes) - 1}")
+        data = collect_payloads([image] if image else None, [image_base64] if image_base64 else None, False)[0]
+        async with self._admitted(1):
+            tensor = (await self._decode_all("gradcam", [data]))[0]
+            start = time.perf_counter()
+            cam = await anyio.to_thread.run_sync(self.predictor.grad_cam, tensor, layer, class_index)
+        self.metrics.forward_seconds.labels("gradcam", self.metrics.device).observe(time.perf_counter() - start)
+        self.metrics.images.labels("gradcam").inc()
+        png = await anyio.to_thread.run_sync(lambda: encode_png(heatmap_rgba(cam.heatmap)))
+        raw = cam.layer_map.to(torch.float16).numpy().astype("<f2").tobytes()
+        row = self.layers[layer]
+        return GradCamResponse(
+            model=self.model_tag, layer=layer, class_index=cam.class_index, label=classes[cam.class_index],
+            probability=cam.probability, input_size=self.predictor.input_size,
+            layer_map=ArrayPayload(shape=list(cam.layer_map.shape), data=base64.b64encode(raw).decode()),
+            receptive_field=row.receptive_field, jump=row.jump, heatmap_png=base64.b64encode(png).decode(),
+        )
+
     def _update_gpu_gauges(self) -> None:
         memory = self.predictor.gpu_memory()
         if memory is not None:
@@ -384,47 +411,8 @@ class CNNService:
             self.metrics.gpu_reserved.set(memory[1])
             self.metrics.gpu_total.set(memory[2])
 
-    # ----- introspection (served by service.introspection) --------------------
-
-    def model_description(self) -> dict:
-        manifest = self.manifest.to_dict()
-        training = dict(manifest.get("training", {}))
-        training.pop("history", None)  # long; the report command plots it
-        return {
-            "tag": self.model_tag,
-            "preset": self.manifest.preset,
-            "classes": self.manifest.class_names,
-            "preprocessing": manifest["preprocessing"],
-            "model_config": manifest["model_config"],
-            "training": training,
-            "weights_sha256": self.manifest.weights_sha256,
-            "device": str(self.predictor.device),
-            "dtype": self.predictor.dtype_name,
-            "batching": {"max_batch_size": self.config.max_batch_size, "max_latency_ms": self.config.max_latency_ms,
-                         "dispatch": self.dispatch_path,
-                         "admission": {"inflight_images": self.admission.inflight,
-                                       "model_images_per_s": round(self.admission.rate, 1),
-                                       "target_seconds": self.admission.budget_seconds}},
-            "limits": {
-                "max_images_per_request": self.config.max_images_per_request,
-                "max_body_bytes": self.config.max_body_bytes,
-                "max_image_pixels": self.config.max_image_pixels,
-                "max_feature_map_bytes": self.config.max_feature_map_bytes,
-            },
-            "layers": [row.to_dict() for row in self.layers.values()],
-        }
-
-
-def _b64decode(text: str, field: str) -> bytes:
-    if text.startswith("data:") and "," in text:  # accept data URLs as browsers make them
-        text = text.split(",", 1)[1]
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise Refusal(400, "invalid_base64", f"`{field}` is not valid base64") from None
-
 
 CNNService.add_asgi_middleware(
     GuardMiddleware, max_body_bytes=CONFIG.max_body_bytes, api_key=CONFIG.api_key,
-    retry_after_s=CONFIG.retry_after_s,
+    retry_after_s=CONFIG.retry_after_s, internal_token=INTERNAL_TOKEN,
 )

@@ -73,6 +73,17 @@ def server(cli_env, registered_model, tmp_path_factory):
     server.stop()
 
 
+API_KEY = "s3cret-key"
+
+
+@pytest.fixture(scope="session")
+def secured_server(cli_env, registered_model, tmp_path_factory):
+    """The real service with API_KEY set."""
+    server = start_server(cli_env, tmp_path_factory.mktemp("secured"), API_KEY=API_KEY)
+    yield server
+    server.stop()
+
+
 def serve_until_exit(env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
     """`bentoml serve` for a start-up that must fail; a private home keeps the
     session server's metrics directory intact (see loadtests.server.private_home)."""

@@ -86,6 +86,10 @@ def build(max_body_bytes: int) -> list[Case]:
         Case("malformed multipart", "/classify", {"content": b"--x\r\n[]--x--\r\n", "headers": {"content-type": "multipart/form-data; boundary=x"}}, 400, "malformed_multipart"),
         Case("multipart without boundary", "/embed", {"content": b"", "headers": {"content-type": "multipart/form-data"}}, 400, "malformed_multipart"),
         Case("unknown kernels layer", "/kernels?layer=fc6", {}, 422, "unknown_layer"),
+        Case("Grad-CAM of a vector layer", "/gradcam", {"json": {"image_base64": b64(png), "layer": "fc7"}}, 422,
+             "unknown_layer"),
+        Case("Grad-CAM of a class that does not exist", "/gradcam",
+             {"json": {"image_base64": b64(png), "class_index": 10**6}}, 422, "class_out_of_range"),
     ]
     good = [
         Case("grayscale PNG", "/classify", _files(encode(shape_image(4, 64).convert("L"), "PNG"))),

@@ -80,6 +80,7 @@ def test_schemathesis_finds_no_server_error_and_no_spec_violation(server, tmp_pa
     )
     assert result.returncode == 0, result.stdout[-6000:]
     assert "passed" in result.stdout
+    print("\n" + "\n".join(result.stdout.strip().splitlines()[-30:]))  # the summary: operations, test cases
 
 
 # ----- faults ---------------------------------------------------------------------------

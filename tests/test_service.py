@@ -175,6 +175,43 @@ def test_feature_maps_refusals(server, payload, status, reason):
         assert "conv1" in response.json()["detail"]
 
 
+# ----- Grad-CAM --------------------------------------------------------------------------
+
+
+def test_gradcam_explains_the_top_class_with_a_heat_map(server, tiny_run):
+    data = shape_png(5)
+    classified = httpx.post(f"{server.url}/classify", json={"images_base64": [b64(data)], "top_k": 1},
+                            timeout=30).json()["predictions"][0]["top_k"][0]
+    response = httpx.post(f"{server.url}/gradcam", files=[("image", ("circle.png", data, "image/png"))], timeout=30)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["layer"], body["class_index"], body["label"]) == ("conv5", classified["index"], classified["label"])
+    assert body["probability"] == pytest.approx(classified["probability"], abs=1e-5)
+    assert body["layer_map"]["shape"] == [8, 8] and body["receptive_field"] > 8
+    values = np.frombuffer(base64.b64decode(body["layer_map"]["data"]), dtype="<f2")
+    assert values.min() >= 0 and values.max() == pytest.approx(1, abs=1e-3)
+    heat = Image.open(io.BytesIO(base64.b64decode(body["heatmap_png"])))
+    assert heat.mode == "RGBA" and heat.size == (64, 64)
+
+
+def test_gradcam_of_a_chosen_class_and_layer(server):
+    body = httpx.post(f"{server.url}/gradcam", json={"image_base64": b64(shape_png(2)), "layer": "conv2",
+                                                      "class_index": 7}, timeout=30).json()
+    assert body["layer"] == "conv2" and body["class_index"] == 7 and body["layer_map"]["shape"] == [16, 16]
+
+
+@pytest.mark.parametrize("payload, status, reason", [
+    ({"layer": "fc6"}, 422, "unknown_layer"),
+    ({"class_index": 12}, 422, "class_out_of_range"),
+    ({"class_index": -1}, 400, None),
+])
+def test_gradcam_refusals(server, payload, status, reason):
+    response = httpx.post(f"{server.url}/gradcam", json={"image_base64": b64(shape_png(0)), **payload}, timeout=30)
+    assert response.status_code == status, response.text
+    if reason:
+        assert response.json()["error"] == reason
+
+
 # ----- introspection --------------------------------------------------------------------
 
 
@@ -201,8 +238,18 @@ def test_kernels_png(server):
 def test_openapi_documents_the_endpoints(server):
     spec = httpx.get(f"{server.url}/docs.json", timeout=30).json()
     for path in ("/classify", "/embed", "/feature_maps"):
-        assert path in spec["paths"]
+        assert {"200", "400", "413", "422", "503"} <= set(spec["paths"][path]["post"]["responses"])
     assert "images_base64" in json.dumps(spec["paths"]["/classify"])
+    assert "get" in spec["paths"]["/model"] and "get" in spec["paths"]["/kernels"]
+    assert not [path for path in spec["paths"] if path.startswith("/internal")]
+
+
+def test_internal_forward_route_is_closed_to_clients(server):
+    response = httpx.post(f"{server.url}/internal/forward_batch", json={"tickets": ["x"]}, timeout=30)
+    assert response.status_code == 404 and response.json()["error"] == "not_found"
+    forged = httpx.post(f"{server.url}/internal/forward_batch", json={"tickets": ["x"]},
+                        headers={"x-internal-token": "guess"}, timeout=30)
+    assert forged.status_code == 404
 
 
 # ----- refusals: 4xx JSON with a reason, and the worker lives on ----------------------------
@@ -302,15 +349,6 @@ def test_metrics_pass_promtool(server):
 # ----- auth and start-up ---------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def secured_server(cli_env, registered_model, tmp_path_factory):
-    from tests.conftest import start_server
-
-    server = start_server(cli_env, tmp_path_factory.mktemp("secured"), API_KEY="s3cret-key")
-    yield server
-    server.stop()
-
-
 def test_api_key_guards_inference_but_not_health(secured_server):
     url = secured_server.url
     payload = {"images_base64": [b64(shape_png(0))]}
@@ -322,6 +360,21 @@ def test_api_key_guards_inference_but_not_health(secured_server):
     assert httpx.get(f"{url}/model", timeout=30).status_code == 401
     for open_path in ("/readyz", "/livez", "/metrics"):
         assert httpx.get(f"{url}{open_path}", timeout=30).status_code == 200
+
+
+def test_batching_over_in_process_http_also_works(cli_env, registered_model, tmp_path):
+    """The fallback path for a BentoML laid out differently: tickets over HTTP to the guarded internal route."""
+    from tests.conftest import start_server
+
+    server = start_server(cli_env, tmp_path, BATCH_DISPATCH="http")
+    try:
+        payload = {"images_base64": [b64(shape_png(i)) for i in range(3)], "top_k": 1}
+        response = httpx.post(f"{server.url}/classify", json=payload, timeout=30)
+        assert response.status_code == 200, response.text
+        assert len(response.json()["predictions"]) == 3
+        assert httpx.get(f"{server.url}/model", timeout=30).json()["batching"]["dispatch"] == "http"
+    finally:
+        server.stop()
 
 
 def test_auth_off_by_default(server):

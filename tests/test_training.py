@@ -191,3 +191,41 @@ def test_unwritable_output_fails_before_training(run_cli, tmp_path):
     assert result.returncode == 2
     assert "cannot write checkpoints" in result.stderr
     assert time.time() - started < 30
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 64 KiB tmpfs, full after the first 64 KiB: a real ENOSPC (needs root to mount)."""
+    mount_point = tmp_path / "tiny_fs"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)],
+                             capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    (mount_point / "filler").write_bytes(b"\0" * 60 * 1024)
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_full_disk_fails_before_training(full_disk, cli_env):
+    started = time.time()
+    result = subprocess.run([sys.executable, "-m", "training", *TINY_TRAIN, "--out", str(full_disk / "run")],
+                            cwd=ROOT, env=cli_env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "cannot write checkpoints" in result.stderr and "No space left on device" in result.stderr
+    assert time.time() - started < 30
+
+
+def test_file_size_limit_fails_before_training(cli_env, tmp_path):
+    """The same refusal where mounting is not allowed: writes past RLIMIT_FSIZE fail as on a full disk."""
+    import resource
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write with EFBIG instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (32 * 1024, 32 * 1024))
+
+    result = subprocess.run([sys.executable, "-m", "training", *TINY_TRAIN, "--out", str(tmp_path / "run")],
+                            cwd=ROOT, env=cli_env, capture_output=True, text=True, timeout=120,
+                            preexec_fn=limit_file_size)
+    assert result.returncode == 2
+    assert "cannot write checkpoints" in result.stderr and "File too large" in result.stderr

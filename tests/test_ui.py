@@ -76,6 +76,11 @@ def test_upload_shows_predictions_feature_maps_and_kernels(browser, server, tmp_
     page.wait_for_selector("#overlay:not([hidden])", timeout=30_000)
     assert "conv2, channel" in page.locator("#overlay-caption").inner_text()
 
+    page.click("#cam-toggle")
+    page.wait_for_function("() => { const c = document.getElementById('cam'); "
+                           "return !c.hidden && c.complete && c.naturalWidth > 0; }", timeout=30_000)
+    assert "Grad-CAM for" in page.locator("#overlay-caption").inner_text()
+
     page.screenshot(path=str(tmp_path / "inspector.png"), full_page=True)
     assert (tmp_path / "inspector.png").stat().st_size > 10_000
     assert problems == []
@@ -100,4 +105,24 @@ def test_samples_work_without_a_file(browser, server):
     page.wait_for_selector(".prediction", timeout=30_000)
     page.wait_for_selector("img.grid[data-layer=conv1]", timeout=30_000)
     assert problems == []
+    page.close()
+
+
+@needs_chromium
+def test_with_an_api_key_the_page_asks_for_it(browser, secured_server, tmp_path):
+    from tests.conftest import API_KEY
+
+    image = tmp_path / "circle.png"
+    image.write_bytes(shape_png(5, size=64))
+    page, _ = open_ui(browser, secured_server.url)
+    page.set_input_files("#file-input", str(image))
+    page.wait_for_selector("#api-key-box:not([hidden])", timeout=30_000)
+    assert "API key" in page.locator("#error").inner_text()
+
+    page.fill("#api-key-input", API_KEY)
+    page.click("#api-key-save")
+    page.wait_for_selector(".prediction", timeout=30_000)
+    page.wait_for_selector("img.grid[data-layer=conv5]", timeout=30_000)
+    page.wait_for_function("() => document.getElementById('kernels').naturalWidth > 0", timeout=30_000)
+    assert page.locator("#error").is_hidden()
     page.close()

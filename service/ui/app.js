@@ -169,8 +169,24 @@ async function overlayChannel(layer, grid, event) {
   }
   context.putImageData(pixels, 0, 0);
   canvas.hidden = false;
+  $("cam").hidden = true;
   $("overlay-caption").textContent =
     `${layer.layer}, channel ${channel}: where it responds (red = strongest; each of its ${width}×${height} values sees ${layer.receptive_field}×${layer.receptive_field} input pixels).`;
+}
+
+// Grad-CAM: the service weighs the last conv layer's maps by how much each
+// raises the top class's score; the heat map arrives as an RGBA PNG at the
+// network's input size, to lay over the (cropped) input.
+async function showGradCam() {
+  const response = await api("/gradcam", { method: "POST", body: imageForm({ image: state.image }) });
+  const cam = await response.json();
+  $("cam").src = `data:image/png;base64,${cam.heatmap_png}`;
+  $("cam").hidden = false;
+  $("overlay").hidden = true;
+  $("overlay-caption").textContent =
+    `Grad-CAM for "${cam.label}" (${(100 * cam.probability).toFixed(1)}%): ${cam.layer}'s ` +
+    `${cam.layer_map.shape.join("×")} maps weighted by their gradient; red = the evidence ` +
+    `(each cell sees ${cam.receptive_field}×${cam.receptive_field} input pixels).`;
 }
 
 async function loadKernels() {
@@ -192,6 +208,8 @@ async function analyse(blob) {
   state.imageUrl = URL.createObjectURL(blob);
   $("input-image").src = state.imageUrl;
   $("overlay").hidden = true;
+  $("cam").hidden = true;
+  $("cam-toggle").disabled = false;
   $("result-panel").hidden = false;
   try {
     const model = await loadModel();
@@ -254,6 +272,7 @@ function setUp() {
   for (const id of ["stage-select", "channels-select"]) {
     $(id).addEventListener("change", () => { if (state.image) analyse(state.image); });
   }
+  $("cam-toggle").addEventListener("click", () => showGradCam().catch((e) => showError(e.message)));
   $("api-key-save").addEventListener("click", () => {
     state.apiKey = $("api-key-input").value.trim();
     sessionStorage.setItem("apiKey", state.apiKey);
