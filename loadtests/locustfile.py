@@ -7,6 +7,8 @@ Tunable through the environment:
   LOCUST_WEIGHTS="inference=6,inspector=1,embedding=2"   relative share of each user class
   LOCUST_WAIT="0.1,0.5"                                  seconds between a user's requests (min,max)
   LOCUST_THROUGHPUT=6.0                                  or: each user paces itself to this many requests/s
+  LOCUST_HONOR_RETRY_AFTER=1                             a shed user waits Retry-After seconds, as
+                                                         well-behaved clients do
 A 503 that carries Retry-After is counted as "shed" (the service protecting its
 latency budget); anything else that is not the expected body is an error.
 The per-endpoint outcome and latency summary is written to
@@ -22,6 +24,7 @@ import random
 import time
 from collections import defaultdict
 
+import gevent
 from locust import FastHttpUser, between, constant_throughput, events, task
 
 from loadtests.images import request_pool
@@ -46,6 +49,7 @@ def _wait():
 
 
 WEIGHTS = _weights()
+HONOR_RETRY_AFTER = os.environ.get("LOCUST_HONOR_RETRY_AFTER", "") not in ("", "0")
 
 
 class Outcomes:
@@ -115,6 +119,8 @@ class _Checked(FastHttpUser):
             if resp.status_code == 503 and resp.headers.get("Retry-After"):
                 OUTCOMES.record(name, "shed", elapsed)
                 resp.failure("shed: 503 with Retry-After")
+                if HONOR_RETRY_AFTER:
+                    gevent.sleep(float(resp.headers["Retry-After"]))
                 return
             problem = None
             if resp.status_code != 200:

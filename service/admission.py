@@ -22,6 +22,8 @@ import threading
 
 
 class Admission:
+    DECAY = 0.95  # per observed batch
+
     def __init__(self, budget_seconds: float, initial_rate: float):
         self.budget_seconds = budget_seconds
         self.rate = max(initial_rate, 1e-3)
@@ -48,5 +50,6 @@ class Admission:
         """Fold in one forward pass: `images` in `forward_seconds`."""
         if forward_seconds > 0:
             with self._lock:
-                # Decays by half in about 70 batches, so a slower machine is followed, slowly.
-                self.rate = max(images / forward_seconds, self.rate * 0.99)
+                # Decays by half in about 14 batches: one slow batch barely moves it, while
+                # a machine slowed for seconds (other load on its cores) is followed.
+                self.rate = max(images / forward_seconds, self.rate * self.DECAY)
