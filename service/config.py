@@ -1,11 +1,13 @@
 """Service settings, read once from the environment into one typed object.
 
 Batching defaults are fitted to measured forward latency on the 2-core CPU
-this project is developed on (see BENCHMARKS.md): with the default small
-model a batch of 32 takes about 20 ms, with AlexNet-224 about 120 ms. A
-latency budget of 1 s leaves the dispatcher room to build full batches for
-both, and sheds load (503) only when the queue would make a request wait
-longer than that.
+this project is developed on (BENCHMARKS.md): a batch of 32 takes about 15
+ms with the default small model and 330-580 ms with AlexNet-224 (the VM's
+speed varies), and batches beyond 8 gain little on a CPU. A latency budget of
+1 s lets the dispatcher build full batches for the small model and keeps
+~30 AlexNet images in flight; the queue is refused (503) beyond that. On a
+GPU, a batch of 32 AlexNet images takes milliseconds: lower MAX_LATENCY_MS
+there to tighten the latency promise.
 """
 
 from __future__ import annotations
