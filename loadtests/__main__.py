@@ -18,7 +18,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from urllib.parse import urlparse
 
 import httpx
 
-from loadtests.server import ROOT, ServerProcess
+from loadtests.server import ROOT, ServerProcess, wait_until_ready
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -184,14 +183,7 @@ def recovery_check(host: str, count: int) -> tuple[int, int]:
     """After the load: wait for /readyz, then `count` sequential requests must all succeed."""
     from loadtests.images import shapes
 
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{host}/readyz", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
+    wait_until_ready(host, timeout=30)
     image = shapes(1)[0]
     succeeded = 0
     for _ in range(count):

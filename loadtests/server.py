@@ -23,6 +23,24 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def is_ready(url: str, timeout: float = 2) -> bool:
+    """GET /readyz answers 200 (BentoML: the service loaded its model and warmed up)."""
+    try:
+        return httpx.get(f"{url}/readyz", timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def wait_until_ready(url: str, timeout: float, alive=lambda: True) -> bool:
+    """Poll /readyz until it answers 200 (True), `timeout` passes or `alive()` turns False."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and alive():
+        if is_ready(url):
+            return True
+        time.sleep(0.3)
+    return False
+
+
 def private_home(env: dict[str, str]) -> tuple[dict[str, str], Path]:
     """`env` with a BENTOML_HOME of its own that shares the model store of `env`'s.
 
@@ -53,16 +71,10 @@ class ServerProcess:
         )
 
     def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()[-4000:]}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
+        if wait_until_ready(self.url, timeout, alive=lambda: self.process.poll() is None):
+            return
+        if self.process.poll() is not None:
+            raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()[-4000:]}")
         self.stop()
         raise TimeoutError(f"server not ready after {timeout}s:\n{self.log()[-4000:]}")
 

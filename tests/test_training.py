@@ -81,7 +81,7 @@ def test_register_puts_checkpoint_in_model_store_and_loads_back(tiny_run, run_cl
     assert loaded.stdout.strip() == load_checkpoint(tiny_run).manifest.weights_sha256, loaded.stderr
 
 
-def test_interrupted_run_resumes_to_the_end(run_cli, cli_env, tmp_path):
+def test_interrupted_run_resumes_to_the_end(run_cli, cli_env, tmp_path, tiny_run):
     out = tmp_path / "run"
     args = [sys.executable, "-m", "training", *TINY_TRAIN, "--epochs", "4", "--out", str(out)]
     process = subprocess.Popen(args, cwd=ROOT, env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -101,6 +101,9 @@ def test_interrupted_run_resumes_to_the_end(run_cli, cli_env, tmp_path):
     assert log[-1]["step"] == 4 * log[0]["step"]  # no step lost or repeated
     checkpoint = load_checkpoint(out)
     assert checkpoint.manifest.training["metrics"]["test_top1"] > 2 * CHANCE
+    # tiny_run is the same run (same arguments and seed) left alone: the resumed one ends where it did
+    uninterrupted = read_log(tiny_run)[-1]["test_top1"]
+    assert abs(log[-1]["test_top1"] - uninterrupted) <= 0.05, (log[-1]["test_top1"], uninterrupted)
 
 
 def test_time_budget_stops_on_time(run_cli, tmp_path):
