@@ -39,8 +39,7 @@ def layer_payload(info: LayerInfo, activation: torch.Tensor, chosen: list[int], 
         maps = selected if selected.ndim == 3 else selected.view(1, 1, -1)  # a vector shows as one strip
         body.png = base64.b64encode(encode_png(feature_map_grid(maps))).decode()
     elif fmt == "array":
-        raw = selected.to(torch.float16).contiguous().numpy().astype("<f2").tobytes()
-        body.array = ArrayPayload(shape=list(selected.shape), data=base64.b64encode(raw).decode())
+        body.array = float16_payload(selected)
     else:
         flat = selected.reshape(len(chosen), -1)
         body.stats = [
@@ -49,6 +48,12 @@ def layer_payload(info: LayerInfo, activation: torch.Tensor, chosen: list[int], 
             for c, row in zip(chosen, flat)
         ]
     return body
+
+
+def float16_payload(values: torch.Tensor) -> ArrayPayload:
+    """Exact values for programs: float16, little-endian, C order, base64."""
+    raw = values.to(torch.float16).contiguous().numpy().astype("<f2").tobytes()
+    return ArrayPayload(shape=list(values.shape), data=base64.b64encode(raw).decode())
 
 
 def estimated_bytes(activations: dict[str, torch.Tensor], chosen: dict[str, list[int]], fmt: str) -> int:

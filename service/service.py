@@ -42,13 +42,13 @@ from model.visualize import encode_png, heatmap_rgba
 from service.admission import Admission
 from service.config import CONFIG
 from service.errors import Refusal
-from service.feature_maps import choose_channels, estimated_bytes, layer_payload
+from service.feature_maps import choose_channels, estimated_bytes, float16_payload, layer_payload
 from service.inputs import collect_payloads
 from service.introspection import introspection_app
 from service.metrics import ServiceMetrics
 from service.middleware import GuardMiddleware
 from service.schemas import (
-    ArrayPayload, ClassifyResponse, EmbedResponse, FeatureFormat, FeatureMapsResponse, GradCamResponse,
+    ClassifyResponse, EmbedResponse, FeatureFormat, FeatureMapsResponse, GradCamResponse,
     ImagePrediction, LabelScore, Stage,
 )
 
@@ -357,12 +357,8 @@ class CNNService:
                           f"unknown layer(s) {unknown[:10]}; valid: {list(self.predictor.model.named_layers)}")
         if channels is not None and top_channels is not None:
             raise Refusal(400, "ambiguous_channels", "give `channels` or `top_channels`, not both")
-        data = collect_payloads([image] if image else None, [image_base64] if image_base64 else None, False)[0]
-        async with self._admitted(1):
-            tensor = (await self._decode_all("feature_maps", [data]))[0]
-            start = time.perf_counter()
-            activations = await anyio.to_thread.run_sync(self.predictor.activations, tensor, names, stage)
-        self.metrics.forward_seconds.labels("feature_maps", self.metrics.device).observe(time.perf_counter() - start)
+        activations = await self._run_on_one_image(
+            "feature_maps", image, image_base64, self.predictor.activations, names, stage)
         chosen = {n: choose_channels(n, activations[n], channels, top_channels) for n in names}
         size = estimated_bytes(activations, chosen, fmt)
         if size > self.config.max_feature_map_bytes:
@@ -376,7 +372,6 @@ class CNNService:
                                        input_size=self.predictor.input_size, layers=bodies)
         payload_bytes = sum(len(b.png or "") + len((b.array.data if b.array else "")) for b in bodies)
         self.metrics.feature_map_bytes.labels(fmt).inc(payload_bytes)
-        self.metrics.images.labels("feature_maps").inc()
         return response
 
     async def _gradcam(self, image, image_base64, layer, class_index) -> GradCamResponse:
@@ -387,22 +382,26 @@ class CNNService:
         classes = self.manifest.class_names
         if class_index is not None and class_index >= len(classes):
             raise Refusal(422, "class_out_of_range", f"class_index must be in 0..{len(classes) - 1}")
-        data = collect_payloads([image] if image else None, [image_base64] if image_base64 else None, False)[0]
-        async with self._admitted(1):
-            tensor = (await self._decode_all("gradcam", [data]))[0]
-            start = time.perf_counter()
-            cam = await anyio.to_thread.run_sync(self.predictor.grad_cam, tensor, layer, class_index)
-        self.metrics.forward_seconds.labels("gradcam", self.metrics.device).observe(time.perf_counter() - start)
-        self.metrics.images.labels("gradcam").inc()
+        cam = await self._run_on_one_image("gradcam", image, image_base64, self.predictor.grad_cam, layer, class_index)
         png = await anyio.to_thread.run_sync(lambda: encode_png(heatmap_rgba(cam.heatmap)))
-        raw = cam.layer_map.to(torch.float16).numpy().astype("<f2").tobytes()
         row = self.layers[layer]
         return GradCamResponse(
             model=self.model_tag, layer=layer, class_index=cam.class_index, label=classes[cam.class_index],
-            probability=cam.probability, input_size=self.predictor.input_size,
-            layer_map=ArrayPayload(shape=list(cam.layer_map.shape), data=base64.b64encode(raw).decode()),
+            probability=cam.probability, input_size=self.predictor.input_size, layer_map=float16_payload(cam.layer_map),
             receptive_field=row.receptive_field, jump=row.jump, heatmap_png=base64.b64encode(png).decode(),
         )
+
+    async def _run_on_one_image(self, endpoint: str, image, image_base64, work, *args):
+        """One image (file or base64) through `work(uint8 tensor, *args)` in a worker thread:
+        admitted, decoded, timed and counted like every inference."""
+        data = collect_payloads([image] if image else None, [image_base64] if image_base64 else None, False)[0]
+        async with self._admitted(1):
+            tensor = (await self._decode_all(endpoint, [data]))[0]
+            start = time.perf_counter()
+            result = await anyio.to_thread.run_sync(work, tensor, *args)
+        self.metrics.forward_seconds.labels(endpoint, self.metrics.device).observe(time.perf_counter() - start)
+        self.metrics.images.labels(endpoint).inc()
+        return result
 
     def _update_gpu_gauges(self) -> None:
         memory = self.predictor.gpu_memory()
