@@ -8,7 +8,7 @@ images/s, a new request would be answered in about (inflight + n) / rate
 seconds; over budget, it gets a 503 at once.
 
 `rate` is the model's own best recent speed: images per second of forward
-pass, as a maximum that decays slowly. Best, because a queue is drained in
+pass, as a maximum that decays by 5% a batch. Best, because a queue is drained in
 big batches, which run faster per image than the small ones seen at low load;
 the model's speed rather than the service's throughput, because throughput
 sinks when clients are few or when refusals eat CPU, and an estimate that

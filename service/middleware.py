@@ -1,4 +1,7 @@
-"""HTTP guards in front of every endpoint: body-size limit, API key, Retry-After.
+"""HTTP guards in front of every endpoint: the internal route closed to
+clients, API key, admission (503 before the body is read), body-size limit,
+unparseable multipart and text in file fields refused, Retry-After on every
+503, uniform error bodies, the amended OpenAPI spec.
 
 Pure ASGI, so they run before BentoML parses (and spools to disk) a body.
 """
