@@ -19,7 +19,7 @@ PROTECTED_PREFIXES = ("/classify", "/embed", "/feature_maps", "/gradcam", "/mode
 # Multipart fields that must carry uploaded files. BentoML would treat a plain
 # text value in such a field as a URL and download it (server-side request
 # forgery); we refuse that before BentoML sees the form.
-FILE_FIELDS = (b"images", b"image")
+FILE_FIELDS = ("images", "image")
 # Inference paths refused before their body is even read when the model is full.
 SHEDDABLE_PREFIXES = ("/classify", "/embed", "/feature_maps", "/gradcam")
 # BentoML serves every API over HTTP, the internal batched forward included;
@@ -70,15 +70,9 @@ class GuardMiddleware:
             body, too_large = await self._read_body(receive)
             if too_large:
                 return await self._too_large(send, None)
-            if await _malformed_multipart(scope, body):
-                return await _send_json(send, 400, {
-                    "error": "malformed_multipart", "detail": "the multipart/form-data body could not be parsed",
-                })
-            if _text_in_file_field(scope, body):
-                return await _send_json(send, 400, {
-                    "error": "file_field_not_a_file",
-                    "detail": "multipart fields `images`/`image` must be uploaded files; URLs are not fetched",
-                })
+            refusal = await _multipart_refusal(scope, body)
+            if refusal is not None:
+                return await _send_json(send, 400, refusal)
             receive = _replay(body)
         if path == "/docs.json":
             send = amend_docs(send, SHEDDABLE_PREFIXES, INTERNAL_PREFIX)
@@ -151,49 +145,37 @@ def _model_full(path: str) -> bool:
     return True
 
 
-async def _malformed_multipart(scope, body: bytes) -> bool:
-    """Parse a multipart body the way BentoML will; a body it would choke on (500) is a 400."""
+async def _multipart_refusal(scope, body: bytes) -> dict | None:
+    """Parse a multipart body the way BentoML will, once, and say what is wrong with it:
+    a body it would choke on (a 500 there), or a text value in a file field."""
     content_type = next((v for k, v in scope.get("headers", []) if k == b"content-type"), b"")
     if not content_type.lower().startswith(b"multipart/"):
-        return False
-    if _multipart_boundary(scope) is None:
-        return True  # multipart without a boundary cannot be parsed at all
+        return None
+    malformed = {"error": "malformed_multipart", "detail": "the multipart/form-data body could not be parsed"}
+    if _multipart_boundary(content_type) is None:
+        return malformed  # multipart without a boundary cannot be parsed at all
     from starlette.requests import Request
 
-    request = Request(scope, _replay(body))
     try:
-        form = await request.form()
+        form = await Request(scope, _replay(body)).form()
     except Exception:
-        return True
+        return malformed
+    # A part without a filename is a str in the form; BentoML would fetch it as a URL.
+    text_in_file_field = any(isinstance(value, str) for key, value in form.multi_items() if key in FILE_FIELDS)
     await form.close()
-    return False
-
-
-def _multipart_boundary(scope) -> bytes | None:
-    for name, value in scope.get("headers", []):
-        if name == b"content-type" and value.lower().startswith(b"multipart/form-data"):
-            for param in value.split(b";")[1:]:
-                key, _, val = param.strip().partition(b"=")
-                if key.lower() == b"boundary":
-                    return val.strip(b'"')
+    if text_in_file_field:
+        return {"error": "file_field_not_a_file",
+                "detail": "multipart fields `images`/`image` must be uploaded files; URLs are not fetched"}
     return None
 
 
-def _text_in_file_field(scope, body: bytes) -> bool:
-    """True if a multipart part named like a file field has no filename (a text value)."""
-    boundary = _multipart_boundary(scope)
-    if boundary is None:
-        return False
-    for part in body.split(b"--" + boundary)[1:]:
-        headers = part.split(b"\r\n\r\n", 1)[0].lower()
-        for line in headers.split(b"\r\n"):
-            if line.startswith(b"content-disposition:"):
-                names = [p.strip() for p in line.split(b";")]
-                field = next((p[5:].strip(b'"') for p in names if p.startswith(b"name=")), None)
-                has_file = any(p.startswith((b"filename=", b"filename*=")) for p in names)
-                if field in FILE_FIELDS and not has_file:
-                    return True
-    return False
+def _multipart_boundary(content_type: bytes) -> bytes | None:
+    if content_type.lower().startswith(b"multipart/form-data"):
+        for param in content_type.split(b";")[1:]:
+            key, _, val = param.strip().partition(b"=")
+            if key.lower() == b"boundary":
+                return val.strip(b'"')
+    return None
 
 
 def _replay(body: bytes):
