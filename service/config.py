@@ -36,7 +36,8 @@ class ServiceConfig:
     # Measured at 4x overload (alexnet, 300 ms budget): 0.6 refuses in 28 ms
     # (p95) but admits too little to fill batches (11 ok req/s); 0.85 admits 31
     # req/s but refusals wait 111 ms behind the decoding it admitted; 0.7: 22
-    # req/s, refusals 36 ms, accepted p99 435 ms.
+    # req/s, refusals 36 ms, accepted p99 435 ms (330-371 ms once the service
+    # froze its start-up heap out of the garbage collector; see service.py).
     admission_target: float = 0.7
     max_images_per_request: int = 64
     max_body_bytes: int = 32 * 1024 * 1024
