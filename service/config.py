@@ -53,7 +53,7 @@ class ServiceConfig:
     api_key: str | None = field(default=None, repr=False)
 
     @classmethod
-    def from_env(cls) -> "ServiceConfig":
+    def from_env(cls) -> ServiceConfig:
         return cls(
             model_tag=os.environ.get("MODEL_TAG") or DEFAULT_TAG,
             checkpoint_dir=os.environ.get("CHECKPOINT_DIR") or None,

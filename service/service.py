@@ -387,7 +387,7 @@ class CNNService:
         )
         response = FeatureMapsResponse(model=self.model_tag, stage=stage, format=fmt,
                                        input_size=self.predictor.input_size, layers=bodies)
-        payload_bytes = sum(len(b.png or "") + len((b.array.data if b.array else "")) for b in bodies)
+        payload_bytes = sum(len(b.png or "") + len(b.array.data if b.array else "") for b in bodies)
         self.metrics.feature_map_bytes.labels(fmt).inc(payload_bytes)
         return response
 
