@@ -57,15 +57,20 @@ def private_home(env: dict[str, str]) -> tuple[dict[str, str], Path]:
 
 
 class ServerProcess:
-    def __init__(self, env: dict[str, str], log_path: Path, port: int | None = None):
+    """`bentoml serve` of this repository on `host` (None: the service's own
+    default bind, which is loopback) and a free port, with a private home."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, port: int | None = None,
+                 host: str | None = "127.0.0.1"):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = open(log_path, "wb")
         env, self._home = private_home(env)
         bentoml = Path(sys.executable).parent / "bentoml"
+        host_args = ["--host", host] if host is not None else []
         self.process = subprocess.Popen(
-            [str(bentoml), "serve", ".", "--host", "127.0.0.1", "--port", str(self.port)],
+            [str(bentoml), "serve", ".", *host_args, "--port", str(self.port)],
             cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: stop it and every worker together
         )

@@ -79,26 +79,23 @@ class GuardMiddleware:
         await self.app(scope, receive, self._with_retry_after(uniform_errors(send)))
 
     def _internal(self, scope) -> bool:
-        token = next((v for k, v in scope.get("headers", []) if k == INTERNAL_TOKEN_HEADER), b"")
-        return hmac.compare_digest(token, self.internal_token)
+        return hmac.compare_digest(_header(scope, INTERNAL_TOKEN_HEADER) or b"", self.internal_token)
 
     def _authorized(self, scope) -> bool:
-        for name, value in scope.get("headers", []):
-            if name == b"authorization":
-                scheme, _, token = value.partition(b" ")
-                # compare_digest: the time taken does not reveal how much of the key matched
-                return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)
-        return False
+        value = _header(scope, b"authorization")
+        if value is None:
+            return False
+        scheme, _, token = value.partition(b" ")
+        # compare_digest: the time taken does not reveal how much of the key matched
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)
 
     @staticmethod
     def _content_length(scope) -> int | None:
-        for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                try:
-                    return int(value)
-                except ValueError:
-                    return None
-        return None
+        value = _header(scope, b"content-length")
+        try:
+            return int(value) if value is not None else None
+        except ValueError:
+            return None
 
     async def _read_body(self, receive) -> tuple[bytes, bool]:
         chunks, total = [], 0
@@ -145,10 +142,15 @@ def _model_full(path: str) -> bool:
     return True
 
 
+def _header(scope, name: bytes) -> bytes | None:
+    """The first value of a request header (ASGI gives names lower-cased)."""
+    return next((value for key, value in scope.get("headers", []) if key == name), None)
+
+
 async def _multipart_refusal(scope, body: bytes) -> dict | None:
     """Parse a multipart body the way BentoML will, once, and say what is wrong with it:
     a body it would choke on (a 500 there), or a text value in a file field."""
-    content_type = next((v for k, v in scope.get("headers", []) if k == b"content-type"), b"")
+    content_type = _header(scope, b"content-type") or b""
     if not content_type.lower().startswith(b"multipart/"):
         return None
     malformed = {"error": "malformed_multipart", "detail": "the multipart/form-data body could not be parsed"}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import httpx
 import psutil
 import pytest
 
-from loadtests.server import ROOT, ServerProcess, free_port, private_home
+from loadtests.server import ROOT, ServerProcess
 from tests.conftest import serve_until_exit
 from tests import corpus
 from tests.images import shape_png
@@ -196,21 +195,14 @@ def test_model_tag_cannot_walk_out_of_the_store(cli_env, tmp_path):
 
 
 def test_binds_loopback_unless_told_otherwise(cli_env, registered_model, tmp_path):
-    port = free_port()
-    log = open(tmp_path / "server.log", "wb")
-    env, home = private_home(cli_env)
-    process = subprocess.Popen([str(Path(sys.executable).parent / "bentoml"), "serve", ".", "--port", str(port)],
-                               cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = ServerProcess(cli_env, tmp_path / "server.log", host=None)  # no --host: the service's default
     try:
         deadline = time.time() + 120
         listening = []
         while time.time() < deadline and not listening:
             listening = [c.laddr.ip for c in psutil.net_connections("tcp")
-                         if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+                         if c.status == psutil.CONN_LISTEN and c.laddr.port == server.port]
             time.sleep(0.5)
         assert listening and set(listening) <= {"127.0.0.1"}, listening
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
-        log.close()
-        shutil.rmtree(home, ignore_errors=True)
+        server.stop()
