@@ -10,7 +10,7 @@ HOST ?= 127.0.0.1
 PORT ?= 3000
 MODEL_OUT ?= runs/default
 
-.PHONY: install default-model serve test test-fast fuzz system-deps loadtest loadtest-overload bench clean
+.PHONY: install default-model serve test test-fast test-busy fuzz system-deps loadtest loadtest-overload bench clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON_BIN) -m venv $(VENV)
@@ -46,6 +46,11 @@ test: $(INSTALLED) system-deps
 test-fast: $(INSTALLED)
 	$(PY) -m pytest -m "not slow"
 
+# The server and load tests beside one CPU hog per core: tests of behaviour must pass on a busy machine.
+test-busy: $(INSTALLED) system-deps
+	$(PY) -m loadtests.hogs -- $(PY) -m pytest tests/test_service.py tests/test_reliability.py \
+	  tests/test_loadtests.py tests/test_ops.py tests/test_ui.py
+
 # The schemathesis run of `make test` with many more examples per operation (FUZZ_EXAMPLES).
 fuzz: $(INSTALLED)
 	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-300} $(PY) -m pytest -s tests/test_reliability.py -k schemathesis
@@ -54,8 +59,9 @@ fuzz: $(INSTALLED)
 loadtest: default-model
 	$(PY) -m loadtests run --scenario smoke --duration $${DURATION:-60s}
 
+# Both scenarios check their speed gates too (loadtests/slo.toml); make test checks behaviour only.
 loadtest-overload: $(INSTALLED)
-	$(PY) -m loadtests run --scenario overload
+	$(PY) -m loadtests run --scenario overload --gates all
 
 # Service vs raw-model throughput, presets small and alexnet (about 5 minutes).
 bench: $(INSTALLED)

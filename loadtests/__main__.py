@@ -4,6 +4,11 @@
     python -m loadtests run --scenario overload
     python -m loadtests run --scenario smoke --host http://127.0.0.1:3000 --duration 60s
     python -m loadtests run --scenario smoke --set min_rps=50      # override a gate
+    python -m loadtests run --scenario overload --gates behaviour  # what `make test` checks
+
+Gates come in two kinds (loadtests/slo.toml): behaviour gates, which only a
+defect breaks, and speed gates (the scenario's `slo` table), which a slow or
+busy machine can breach. `--gates all` (default) checks both.
 
 Reports (Locust CSV + HTML, an outcome summary, the gate results) go under
 --reports (default reports/). Exit status 1 names each breached gate.
@@ -41,11 +46,16 @@ class Gate:
         return f"{'PASS' if self.passed else 'FAIL'}  {self.name}: measured {self.measured:.4g}, limit {self.limit:.4g}"
 
 
-def load_scenario(path: Path, name: str, overrides: list[str]) -> dict:
+def load_scenario(path: Path, name: str, overrides: list[str], gates: str = "all") -> dict:
+    """The scenario's settings and gates; with gates="all" its speed gates (the
+    `slo` table) join the behaviour gates, replacing any of the same name."""
     scenarios = tomllib.loads(path.read_text())
     if name not in scenarios:
         raise SystemExit(f"no scenario {name!r} in {path}; have {sorted(scenarios)}")
     scenario = dict(scenarios[name])
+    speed_gates = scenario.pop("slo", {})
+    if gates == "all":
+        scenario.update(speed_gates)
     for item in overrides:
         key, _, value = item.partition("=")
         try:
@@ -148,6 +158,15 @@ def evaluate_gates(scenario: dict, summary: dict, aggregated: dict, recovered: t
                 gate(f"{percentile}_ms[{endpoint}] (no ok requests)", limit, float("nan"), False)
             else:
                 gate(f"{percentile}_ms[{endpoint}]", limit, measured, measured <= limit)
+    if "max_ok_ms" in scenario:  # hang guard
+        slowest = [e["ok_max_ms"] for e in endpoints.values() if e.get("ok")]
+        measured = max(slowest) if slowest else float("nan")
+        gate("max_ok_ms", scenario["max_ok_ms"], measured, bool(slowest) and measured <= scenario["max_ok_ms"])
+    if "max_shed_p50_over_ok_p50" in scenario:
+        ratios = [e["shed_p50_ms"] / e["ok_p50_ms"] for e in endpoints.values() if e.get("shed") and e.get("ok")]
+        measured = max(ratios) if ratios else float("nan")
+        gate("max_shed_p50_over_ok_p50", scenario["max_shed_p50_over_ok_p50"], measured,
+             bool(ratios) and measured <= scenario["max_shed_p50_over_ok_p50"])
     if "max_shed_p95_ms" in scenario:
         sheds = [e["shed_p95_ms"] for e in endpoints.values() if e.get("shed")]
         measured = max(sheds) if sheds else 0.0
@@ -194,7 +213,7 @@ def recovery_check(host: str, count: int) -> tuple[int, int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    scenario = load_scenario(args.slo, args.scenario, args.set or [])
+    scenario = load_scenario(args.slo, args.scenario, args.set or [], args.gates)
     scenario["_name"] = args.scenario
     for key in ("users", "spawn_rate", "duration"):
         if getattr(args, key) is not None:
@@ -248,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     runner.add_argument("--slo", type=Path, default=ROOT / "loadtests" / "slo.toml")
     runner.add_argument("--reports", type=Path, default=ROOT / "reports")
     runner.add_argument("--set", action="append", help="override a scenario value: key=value (JSON)")
+    runner.add_argument("--gates", choices=("all", "behaviour"), default="all",
+                        help="behaviour: only the gates a defect breaks (make test); all: speed gates too")
     args = parser.parse_args(argv)
     return run(args)
 

@@ -58,28 +58,45 @@ def private_home(env: dict[str, str]) -> tuple[dict[str, str], Path]:
 
 class ServerProcess:
     """`bentoml serve` of this repository on `host` (None: the service's own
-    default bind, which is loopback) and a free port, with a private home."""
+    default bind, which is loopback) and a free port, with a private home.
+
+    A free port is found by binding port 0 and closing it, so another process
+    can take it before `bentoml serve` binds it; a start that fails on an
+    address in use is retried on a new port (unless the caller fixed the port)."""
+
+    PORT_ATTEMPTS = 3
 
     def __init__(self, env: dict[str, str], log_path: Path, port: int | None = None,
                  host: str | None = "127.0.0.1"):
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self._fixed_port = port
+        self._host = host
         self.log_path = log_path
-        self._log = open(log_path, "wb")
         env, self._home = private_home(env)
+        self._env = env
+        self._launch(port or free_port())
+
+    def _launch(self, port: int) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self._log = open(self.log_path, "wb")
         bentoml = Path(sys.executable).parent / "bentoml"
-        host_args = ["--host", host] if host is not None else []
+        host_args = ["--host", self._host] if self._host is not None else []
         self.process = subprocess.Popen(
-            [str(bentoml), "serve", ".", *host_args, "--port", str(self.port)],
-            cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+            [str(bentoml), "serve", ".", *host_args, "--port", str(port)],
+            cwd=ROOT, env=self._env, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: stop it and every worker together
         )
 
     def wait_ready(self, timeout: float = 120) -> None:
-        if wait_until_ready(self.url, timeout, alive=lambda: self.process.poll() is None):
-            return
-        if self.process.poll() is not None:
-            raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()[-4000:]}")
+        for _ in range(self.PORT_ATTEMPTS):
+            if wait_until_ready(self.url, timeout, alive=lambda: self.process.poll() is None):
+                return
+            if self.process.poll() is None:
+                break
+            if self._fixed_port is not None or "address already in use" not in self.log().lower():
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()[-4000:]}")
+            self._log.close()
+            self._launch(free_port())  # lost the port to another process: take another
         self.stop()
         raise TimeoutError(f"server not ready after {timeout}s:\n{self.log()[-4000:]}")
 

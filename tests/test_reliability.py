@@ -150,27 +150,37 @@ def _is_worker(pid: int) -> bool:
 def test_sigterm_drains_in_flight_requests(own_server, tmp_path):
     from loadtests.__main__ import untrained_checkpoint
 
-    # A slow model (AlexNet, one image per forward) so requests are really in flight when SIGTERM lands.
+    # A slow model (AlexNet in fp32, two images per forward) and 8 requests of 8 images: about a
+    # second of work, so requests are really in flight when SIGTERM lands.
     checkpoint = untrained_checkpoint("alexnet", tmp_path / "alexnet")
-    server = own_server(CHECKPOINT_DIR=str(checkpoint), MAX_BATCH_SIZE="2", MAX_LATENCY_MS="30000")
-    files = [("images", ("x.png", shape_png(2), "image/png"))]
+    server = own_server(CHECKPOINT_DIR=str(checkpoint), MAX_BATCH_SIZE="2", MAX_LATENCY_MS="30000",
+                        PRECISION="fp32")
+    files = [("images", (f"x{i}.png", shape_png(i), "image/png")) for i in range(8)]
     results: list[int | str] = []
 
     def request():
         try:
-            results.append(httpx.post(f"{server.url}/classify", files=files, timeout=60).status_code)
+            results.append(httpx.post(f"{server.url}/classify", files=files, timeout=120).status_code)
         except httpx.HTTPError as err:
             results.append(type(err).__name__)
 
     threads = [threading.Thread(target=request) for _ in range(8)]
     for thread in threads:
         thread.start()
-    time.sleep(0.4)
+    # SIGTERM only once every request is inside the service (admitted or already answered), never
+    # while one is still connecting: a connection refused after SIGTERM is correct behaviour.
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        in_flight = httpx.get(f"{server.url}/model", timeout=30).json()["batching"]["admission"]["inflight_images"]
+        if in_flight + 8 * len(results) >= 64:
+            break
+        time.sleep(0.01)
     os.killpg(server.process.pid, signal.SIGTERM)
     for thread in threads:
         thread.join()
     server.process.wait(timeout=60)
-    print(f"\nSIGTERM with 8 requests in flight: {results}")
+    print(f"\nSIGTERM with {in_flight} images of 8 requests in flight: {results}")
+    assert in_flight > 0, "every request finished before SIGTERM: nothing was drained"
     assert results == [200] * 8
 
 
