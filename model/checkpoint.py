@@ -105,8 +105,13 @@ def save_checkpoint(
         created_at=time.time(),
     )
     atomic_write_bytes(directory / WEIGHTS_FILE, weights)
-    atomic_write_bytes(directory / MANIFEST_FILE, (json.dumps(manifest.to_dict(), indent=2) + "\n").encode())
+    write_manifest(directory, manifest)
     return manifest
+
+
+def write_manifest(directory: str | Path, manifest: Manifest) -> None:
+    """Replace a checkpoint's manifest (atomically), e.g. to add what was measured after training."""
+    atomic_write_bytes(Path(directory) / MANIFEST_FILE, (json.dumps(manifest.to_dict(), indent=2) + "\n").encode())
 
 
 def read_manifest(directory: str | Path) -> Manifest:

@@ -1,9 +1,17 @@
-"""Inference on a loaded checkpoint: device placement, precision, batched forward.
+"""Inference on a loaded checkpoint: device, precision, batched forward.
 
-The service calls this; it knows nothing of HTTP. A semaphore bounds how many
-forward passes run at once (`parallel`, default 1): on a GPU one at a time
-keeps the stream busy without contention; on a CPU, independent
-single-threaded forwards can beat one multi-threaded forward.
+The service calls this; it knows nothing of HTTP. Two copies of the network:
+  - `model`: the serving network (model.optimize): normalization and
+    BatchNorm folded into the convs, in the serving precision (bf16 where the
+    hardware computes it natively; model.precision), channels-last. Batched
+    predictions and feature maps come from it.
+  - `reference`: the network as trained, fp32. Gradient methods (Grad-CAM and
+    the attributions) use it: they need exact gradients more than speed.
+Every result leaves as float32 on the CPU, whatever the precision inside.
+
+A semaphore bounds how many forward passes run at once (`parallel`, default
+1): on a GPU one at a time keeps the stream busy without contention; on a
+CPU, torch already spreads one forward over every core.
 """
 
 from __future__ import annotations
@@ -15,12 +23,16 @@ from dataclasses import dataclass
 
 import torch
 
+from model import precision as precisions
 from model.checkpoint import Checkpoint
 from model.gradcam import ClassActivationMap, grad_cam
 from model.network import STAGES
+from model.optimize import inference_model
 from model.preprocess import Normalizer
 
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+
+class UnknownLayer(KeyError):
+    """A layer name the model does not have (the service answers 422)."""
 
 
 def pick_device(requested: str | None = None) -> torch.device:
@@ -41,12 +53,13 @@ class BatchOutput:
 
 
 class Predictor:
-    def __init__(self, checkpoint: Checkpoint, device: torch.device, autocast: str = "bf16", parallel: int = 1):
+    def __init__(self, checkpoint: Checkpoint, device: torch.device, precision: str = "auto", parallel: int = 1):
         self.manifest = checkpoint.manifest
         self.device = device
-        self.model = checkpoint.model.to(device, memory_format=torch.channels_last).eval()
-        # Mixed precision pays off on GPUs; on CPUs fp32 is both faster and exact.
-        self.autocast_dtype = AUTOCAST_DTYPES[autocast] if device.type == "cuda" else None
+        recorded = self.manifest.training.get("precision_agreement")
+        self.precision = precisions.resolve(precision, device, recorded)
+        self.reference = checkpoint.model.to(device).eval()
+        self.model = inference_model(checkpoint.model, self.manifest.preprocessing, self.precision.dtype, device)
         self.normalizer = Normalizer(self.manifest.preprocessing)
         self.input_size = self.manifest.preprocessing.input_size
         self._lock = threading.BoundedSemaphore(parallel)
@@ -55,16 +68,15 @@ class Predictor:
 
     @property
     def dtype_name(self) -> str:
-        return {torch.bfloat16: "bfloat16", torch.float16: "float16", None: "float32"}[self.autocast_dtype]
+        return str(self.precision.dtype).removeprefix("torch.")
 
-    def _prepare(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 3, S, S) on CPU -> normalized float batch on the device."""
+    def _pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, 3, S, S) -> raw pixel values in the serving dtype on the device, channels-last.
+
+        A batch stacked from HWC images is channels-last already, and the conversion keeps that."""
         if self.device.type == "cuda":
-            images = images.pin_memory().to(self.device, non_blocking=True)
-        return self.normalizer(images).contiguous(memory_format=torch.channels_last)
-
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+            images = images.pin_memory().to(self.device, non_blocking=True)  # uint8: 4x less to copy than fp32
+        return images.to(self.precision.dtype, memory_format=torch.channels_last)
 
     @torch.inference_mode()
     def predict(self, images: torch.Tensor) -> BatchOutput:
@@ -72,10 +84,9 @@ class Predictor:
         model = self.model
         with self._lock:
             start = time.perf_counter()
-            with self._autocast():
-                outputs = model.extract(
-                    self._prepare(images), {model.embedding_layer: "post_relu", model.logits_layer: "post_relu"}
-                )
+            outputs = model.extract(
+                self._pixels(images), {model.embedding_layer: "post_relu", model.logits_layer: "post_relu"}
+            )
             probabilities = outputs[model.logits_layer].float().softmax(dim=1).cpu()
             embeddings = outputs[model.embedding_layer].float().cpu()  # .cpu() waits for the GPU
             seconds = time.perf_counter() - start
@@ -86,20 +97,28 @@ class Predictor:
         """Activations (C, H, W) or (D,) of one uint8 (3, S, S) image at the named layers, float32 on CPU."""
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {list(STAGES)}")
-        with self._lock, self._autocast():
-            found = self.model.extract(self._prepare(image.unsqueeze(0)), {name: stage for name in layers})
+        unknown = [name for name in layers if name not in self.model.named_layers]
+        if unknown:
+            raise UnknownLayer(f"unknown layer(s) {unknown[:10]}; valid: {list(self.model.named_layers)}")
+        with self._lock:
+            found = self.model.extract(self._pixels(image.unsqueeze(0)), {name: stage for name in layers})
         return {name: found[name][0].float().cpu() for name in layers}
 
+    def normalized(self, image: torch.Tensor) -> torch.Tensor:
+        """One uint8 (3, S, S) image as the reference network's fp32 input (1, 3, S, S) on the device."""
+        return self.normalizer(image.unsqueeze(0).to(self.device)).contiguous(memory_format=torch.channels_last)
+
     def grad_cam(self, image: torch.Tensor, layer: str, class_index: int | None = None) -> ClassActivationMap:
-        """Grad-CAM of one uint8 (3, S, S) image at a conv layer (fp32, with gradients; see model.gradcam)."""
-        if class_index is not None and not 0 <= class_index < self.model.config.num_classes:
-            raise IndexError(f"class_index must be in 0..{self.model.config.num_classes - 1}")
+        """Grad-CAM of one uint8 (3, S, S) image at a conv layer (fp32 reference, with gradients)."""
+        if class_index is not None and not 0 <= class_index < self.reference.config.num_classes:
+            raise IndexError(f"class_index must be in 0..{self.reference.config.num_classes - 1}")
         with self._lock:
-            return grad_cam(self.model, self._prepare(image.unsqueeze(0)), layer, class_index)
+            return grad_cam(self.reference, self.normalized(image), layer, class_index)
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1, 8)) -> float:
         """Run a few forwards so the first real request does not pay for lazy
-        initialization (allocator, cuDNN autotuning, thread pools). Returns seconds."""
+        initialization (allocator, cuDNN autotuning, thread pools, compiling
+        the LRN). Returns seconds."""
         start = time.perf_counter()
         for size in batch_sizes:
             for _ in range(2):
@@ -118,4 +137,26 @@ def configure_cpu_threads(threads: int | None = None) -> int:
     """One worker process per machine by default, so torch may use every core."""
     threads = threads or (os.cpu_count() or 1)
     torch.set_num_threads(threads)
+    configure_cpu_allocator()
     return threads
+
+
+def configure_cpu_allocator() -> bool:
+    """Keep freed activation memory in the process instead of handing it back to the OS.
+
+    A 32-image AlexNet batch allocates maps of 10-20 MB at every layer. glibc's
+    malloc serves blocks that large with fresh mmap()s and returns them on
+    free(), so each forward pays a page fault per 4 KiB touched. Raising the
+    mmap threshold to its maximum (32 MiB) and the trim threshold to 1 GiB
+    makes freed blocks reusable: 5-10% faster forwards here (BENCHMARKS.md),
+    for a resident size that stays at its peak. No-op off glibc."""
+    import ctypes
+    import ctypes.util
+
+    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt() parameters, from glibc's malloc.h
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(m_mmap_threshold, 32 * 1024 * 1024)) and bool(mallopt(m_trim_threshold, 1 << 30))

@@ -23,12 +23,24 @@ def _int(name: str, default: int) -> int:
     return int(value) if value not in (None, "") else default
 
 
+def _precision() -> str:
+    """PRECISION, or the deprecated AUTOCAST (bf16 -> auto, fp16 -> fp16, off -> fp32) when only it is set."""
+    from model.precision import AUTOCAST_TO_PRECISION
+
+    if os.environ.get("PRECISION"):
+        return os.environ["PRECISION"]
+    legacy = os.environ.get("AUTOCAST")
+    return AUTOCAST_TO_PRECISION.get(legacy.lower(), legacy) if legacy else "auto"
+
+
 @dataclass(frozen=True)
 class ServiceConfig:
     model_tag: str = DEFAULT_TAG
     checkpoint_dir: str | None = None  # a checkpoint directory instead of the model store
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    autocast: str = "bf16"  # bf16 | fp16 | off; GPU only
+    # auto: bf16 where the hardware computes it natively and the checkpoint's recorded
+    # agreement with fp32 allows it, else fp32 (model.precision); or fp32 | bf16 | fp16.
+    precision: str = "auto"
     max_batch_size: int = 32
     max_latency_ms: int = 1000
     # Admission control aims admitted work at this fraction of max_latency_ms;
@@ -58,7 +70,7 @@ class ServiceConfig:
             model_tag=os.environ.get("MODEL_TAG") or DEFAULT_TAG,
             checkpoint_dir=os.environ.get("CHECKPOINT_DIR") or None,
             device=os.environ.get("DEVICE", "auto"),
-            autocast=os.environ.get("AUTOCAST", "bf16"),
+            precision=_precision(),
             max_batch_size=_int("MAX_BATCH_SIZE", cls.max_batch_size),
             max_latency_ms=_int("MAX_LATENCY_MS", cls.max_latency_ms),
             admission_target=float(os.environ.get("ADMISSION_TARGET") or cls.admission_target),

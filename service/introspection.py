@@ -44,6 +44,7 @@ def describe_model(service) -> dict:
         "weights_sha256": service.manifest.weights_sha256,
         "device": str(service.predictor.device),
         "dtype": service.predictor.dtype_name,
+        "precision": service.predictor.precision.to_dict(),
         "batching": {"max_batch_size": config.max_batch_size, "max_latency_ms": config.max_latency_ms,
                      "dispatch": service.dispatch_path,
                      "admission": {"inflight_images": service.admission.inflight,
@@ -71,7 +72,7 @@ async def kernels(request: Request) -> Response:
     convs = [name for name, row in service.layers.items() if row.type == "conv"]
     if layer not in convs:
         return _error(422, "unknown_layer", f"no conv layer {layer!r}; valid: {convs}")
-    weight = service.predictor.model.get_submodule(layer).weight
+    weight = service.predictor.reference.get_submodule(layer).weight  # as learned (the serving copy is folded)
     png = await anyio.to_thread.run_sync(lambda: encode_png(kernel_grid(weight)))
     return Response(png, media_type="image/png", headers={"Cache-Control": "no-cache"})
 

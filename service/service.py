@@ -122,7 +122,7 @@ class CNNService:
             configure_cpu_threads(CONFIG.torch_threads or max(1, (os.cpu_count() or 1) // CONFIG.forward_threads))
         self.model_tag = MODEL_TAG
         checkpoint = _load_or_exit(MODEL_PATH)
-        self.predictor = Predictor(checkpoint, device, CONFIG.autocast, parallel=CONFIG.forward_threads)
+        self.predictor = Predictor(checkpoint, device, CONFIG.precision, parallel=CONFIG.forward_threads)
         self.manifest = checkpoint.manifest
         self.layers = {row.name: row for row in layer_table(checkpoint.model)}
         self.metrics = ServiceMetrics(device.type)
@@ -145,7 +145,8 @@ class CNNService:
         freeze_startup_heap()
         self.ready = True
         print(f"serving {self.model_tag} ({self.manifest.preset}, {len(self.manifest.class_names)} classes) on "
-              f"{device} ({self.predictor.dtype_name}); warm-up {self.warmup_seconds:.2f}s", flush=True)
+              f"{device} in {self.predictor.precision.name} ({self.predictor.precision.reason}); "
+              f"warm-up {self.warmup_seconds:.2f}s", flush=True)
 
     def __is_ready__(self) -> bool:
         return self.ready

@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from model.checkpoint import load_checkpoint
 from model.inference import Predictor
+from model.precision import resolve as resolve_precision
 from model.preprocess import load_image
 from tests.conftest import serve_until_exit
 from tests.images import encode, shape_image, shape_png
@@ -66,7 +67,7 @@ def test_classify_matches_in_process_model(server, tiny_run):
     """The service's answer is the checkpoint's own prediction through the shared preprocessing."""
     checkpoint = load_checkpoint(tiny_run)
     data = encode(shape_image(7, size=90), "JPEG", quality=90)
-    expected = Predictor(checkpoint, torch.device("cpu"), "off").predict(
+    expected = Predictor(checkpoint, torch.device("cpu"), "auto").predict(  # the server's default precision
         load_image(data, checkpoint.manifest.preprocessing).unsqueeze(0)
     ).probabilities[0]
     body = httpx.post(f"{server.url}/classify", json={"images_base64": [b64(data)], "top_k": 12}, timeout=30).json()
@@ -139,7 +140,7 @@ def test_feature_maps_array_is_exact_float16(server, tiny_run):
         "stage": "pre_relu",
     }, timeout=30).json()
     checkpoint = load_checkpoint(tiny_run)
-    local = Predictor(checkpoint, torch.device("cpu"), "off").activations(
+    local = Predictor(checkpoint, torch.device("cpu"), "auto").activations(
         load_image(data, checkpoint.manifest.preprocessing), ["conv2", "fc7"], "pre_relu")
     for layer in body["layers"]:
         array = layer["array"]
@@ -220,7 +221,9 @@ def test_model_endpoint_describes_manifest_and_layers(server, tiny_run):
     manifest = load_checkpoint(tiny_run).manifest
     assert body["weights_sha256"] == manifest.weights_sha256
     assert body["classes"] == manifest.class_names and body["preset"] == "small"
-    assert body["device"] == "cpu" and body["dtype"] == "float32"
+    served = resolve_precision("auto", torch.device("cpu"), manifest.training.get("precision_agreement"))
+    assert body["device"] == "cpu" and body["precision"]["name"] == served.name
+    assert body["dtype"] == str(served.dtype).removeprefix("torch.") and body["precision"]["reason"]
     assert body["training"]["metrics"]["test_top1"] == manifest.training["metrics"]["test_top1"]
     layers = {row["name"]: row for row in body["layers"]}
     assert layers["conv1"]["output_shape"] == [32, 32, 32] and layers["fc8"]["output_values"] == 12
@@ -315,7 +318,7 @@ def test_concurrent_requests_are_batched(server):
     assert batches < 96 and singles < batches, "some forward passes must have carried more than one image"
 
 
-def test_metrics_move_by_expected_amounts(server):
+def test_metrics_move_by_expected_amounts(server, tiny_run):
     before = metric_samples(server.url)
     files = [("images", (f"{i}.png", shape_png(i), "image/png")) for i in range(3)]
     assert httpx.post(f"{server.url}/classify", files=files, timeout=30).status_code == 200
@@ -332,7 +335,9 @@ def test_metrics_move_by_expected_amounts(server):
     assert delta("cnn_preprocess_seconds_count", endpoint="classify") == 3
     assert delta("cnn_model_forward_seconds_count", endpoint="feature_maps") == 1
     assert delta("cnn_feature_map_response_bytes_total", format="png") > 100
-    assert metric_sum(after, "cnn_model_info", device="cpu", dtype="float32") == 1
+    recorded = load_checkpoint(tiny_run).manifest.training.get("precision_agreement")
+    dtype = str(resolve_precision("auto", torch.device("cpu"), recorded).dtype).removeprefix("torch.")
+    assert metric_sum(after, "cnn_model_info", device="cpu", dtype=dtype) == 1
 
 
 def test_metrics_pass_promtool(server):

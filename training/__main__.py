@@ -38,7 +38,7 @@ def train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed)
     parser.add_argument("--shapes-per-class", type=int, default=DEFAULTS.shapes_per_class,
                         help="training images per class for --data shapes (test: a quarter)")
-    parser.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on GPU")
+    parser.add_argument("--no-amp", action="store_true", help="train in fp32 even where the device computes bf16 natively")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
     parser.add_argument("--register", action="store_true", help="put the best checkpoint in the BentoML model store")
     return parser
@@ -81,7 +81,7 @@ def run_evaluate(argv: list[str]) -> int:
     from model.checkpoint import CheckpointError, load_checkpoint
     from model.preprocess import Normalizer
     from training.data import DataError, load_dataset
-    from training.evaluate import evaluate
+    from training.evaluate import evaluate, format_agreement, precision_agreement
 
     try:
         checkpoint = load_checkpoint(args.checkpoint)
@@ -97,6 +97,8 @@ def run_evaluate(argv: list[str]) -> int:
     result = evaluate(checkpoint.model, dataset.test, Normalizer(prep), len(classes), torch.device("cpu"))
     print(f"{args.checkpoint} on {dataset.name} test ({len(dataset.test.labels)} images)")
     print(f"top-1 {result.top1:.4f}  top-5 {result.top5:.4f}  loss {result.loss:.4f}")
+    print("serving precisions against fp32:",
+          *format_agreement(precision_agreement(checkpoint, dataset.test, torch.device("cpu"))), sep="\n")
     width = max(len(c) for c in classes)
     for name, accuracy, count in zip(classes, result.per_class_accuracy, result.confusion.sum(dim=1).tolist()):
         print(f"  {name.ljust(width)}  {accuracy:.4f}  ({count} images)")

@@ -58,3 +58,32 @@ def evaluate(
         loss=loss_sum / total,
         confusion=confusion,
     )
+
+
+def precision_agreement(checkpoint, split: Split, device: torch.device, batch_size: int = 256) -> dict[str, dict]:
+    """For each reduced precision: how the serving network in it agrees with the fp32 network as
+    trained, on `split` (top-1 agreement, largest probability difference; model.precision)."""
+    from model.optimize import inference_model
+    from model.precision import agreement
+
+    prep = checkpoint.manifest.preprocessing
+    reference = checkpoint.model.to(device).eval()
+    normalizer = Normalizer(prep)
+    figures = {}
+    for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        candidate = inference_model(checkpoint.model, prep, dtype, device, compile_lrn=False)
+        batches = (
+            (normalizer(images).contiguous(memory_format=torch.channels_last),
+             images.to(dtype).contiguous(memory_format=torch.channels_last))
+            for images in (split.images[i:i + batch_size].to(device) for i in range(0, len(split.labels), batch_size))
+        )
+        try:
+            figures[name] = agreement(reference, candidate, batches)
+        except RuntimeError as err:  # a precision this torch build cannot run on this device
+            print(f"skipped {name}: {err}")
+    return figures
+
+
+def format_agreement(figures: dict[str, dict]) -> list[str]:
+    return [f"  {name}: top-1 agrees with fp32 on {f['top1_agreement']:.2%} of {f['images']} images, "
+            f"largest probability difference {f['max_probability_difference']:.4f}" for name, f in figures.items()]

@@ -29,7 +29,7 @@ class RunConfig:
     warmup: float = 0.05  # fraction of the run spent ramping the LR up
     seed: int = 0
     shapes_per_class: int = 800
-    amp: bool = True  # bf16 autocast, used only on CUDA
+    amp: bool = True  # bf16 autocast where the device computes bf16 natively (GPU; CPU with AVX-512 BF16/AMX)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

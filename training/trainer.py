@@ -1,10 +1,14 @@
 """The training loop: one readable function per job, torchrun-aware.
 
 Per step: slice a batch of uint8 images, augment, normalize (the service's
-Normalizer), forward in channels_last (bf16 autocast on GPU), label-smoothed
+Normalizer), forward in channels_last (bf16 autocast where the device computes
+bf16 natively: GPUs, and CPUs with AVX-512 BF16 or AMX), label-smoothed
 cross-entropy, SGD step with the LR the schedule gives for this much progress.
 Per epoch: evaluate on the test split, append a JSON line to train_log.jsonl,
 write the best checkpoint (atomically) and the resumable train_state.pt.
+At the end: record how the best checkpoint's reduced-precision serving
+network agrees with fp32 on the test split (the service's PRECISION=auto
+reads it; model.precision).
 """
 
 from __future__ import annotations
@@ -21,13 +25,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from model.checkpoint import Manifest, save_checkpoint
+from model.checkpoint import Manifest, load_checkpoint, save_checkpoint, write_manifest
 from model.config import get_preset
 from model.network import AlexNet
+from model.precision import native_precisions
 from model.preprocess import Normalizer
 from training import distributed
 from training.data import Dataset, load_dataset
-from training.evaluate import evaluate
+from training.evaluate import evaluate, format_agreement, precision_agreement
 from training.recipe import RunConfig, augment, lr_factor, make_optimizer
 from training.state import load_state, save_state
 
@@ -102,7 +107,7 @@ def train(config: RunConfig, resume: bool = False) -> Manifest | None:
 
     normalizer = Normalizer(preset.preprocessing)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    use_amp = config.amp and ctx.device.type == "cuda"
+    use_amp = config.amp and "bf16" in native_precisions(ctx.device)
     autocast_dtype = torch.bfloat16 if use_amp else None
     sampler = _sampler(len(dataset.train.labels), ctx, config.seed)
     steps_per_epoch = math.ceil(len(sampler) / config.batch_size)
@@ -118,7 +123,7 @@ def train(config: RunConfig, resume: bool = False) -> Manifest | None:
         print(
             f"training {config.preset} on {dataset.name}: {len(dataset.train.labels)} train / "
             f"{len(dataset.test.labels)} test images, {len(dataset.class_names)} classes, {budget}, "
-            f"{ctx.world_size} process(es) on {ctx.device}"
+            f"{ctx.world_size} process(es) on {ctx.device}{', bf16 autocast' if use_amp else ''}"
         )
 
     manifest = None
@@ -139,6 +144,7 @@ def train(config: RunConfig, resume: bool = False) -> Manifest | None:
             f"best test top-1 {progress.best_top1:.4f} at epoch {progress.best_epoch}; "
             f"{progress.elapsed:.1f}s of training; checkpoint in {out}"
         )
+        manifest = record_precision_agreement(out, dataset, ctx.device)
     distributed.teardown()
     return manifest if ctx.is_main else None
 
@@ -223,6 +229,18 @@ def _end_of_epoch(net, dataset, normalizer, config, ctx, progress, stats, autoca
     if config.time_budget:
         progress.elapsed = distributed.max_across_ranks(progress.elapsed, ctx)
     distributed.barrier(ctx)
+    return manifest
+
+
+def record_precision_agreement(out: Path, dataset: Dataset, device: torch.device) -> Manifest:
+    """Measure the best checkpoint in each reduced precision against fp32 on the test split, and
+    keep the figures in its manifest (the weights, and so their hash, are untouched)."""
+    checkpoint = load_checkpoint(out)
+    figures = precision_agreement(checkpoint, dataset.test, device)
+    print("precision check against fp32 on the test split:", *format_agreement(figures), sep="\n")
+    manifest = checkpoint.manifest
+    manifest.training["precision_agreement"] = figures
+    write_manifest(out, manifest)
     return manifest
 
 

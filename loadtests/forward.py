@@ -1,0 +1,126 @@
+"""Forward-pass speed: the limit (torchvision's own AlexNet) and this project's Predictor.
+
+    python -m loadtests.forward                      # both, every precision this machine offers
+
+The limit L is the fastest forward of torchvision's AlexNet on this machine in
+any precision it computes natively -- weights and input in that dtype,
+channels-last, the best of batch 1/8/32/64 -- not a slower model of our own.
+The Predictor is measured the way the service calls it: uint8 images in,
+float32 probabilities and embeddings out (conversion, forward, softmax, copy
+back), as a fraction of L. Medians of per-batch rates; weights are random
+(speed does not depend on them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+BATCH_SIZES = (1, 8, 32, 64)
+
+
+def median_rate(run, batch: int, seconds: float) -> float:
+    """Images/s: the median over repeated calls of run() on a batch of `batch`, after two warm-up calls."""
+    run()
+    run()
+    rates = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(rates) < 3:
+        start = time.perf_counter()
+        run()
+        rates.append(batch / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def offered_precisions(device: torch.device) -> list[str]:
+    from model.precision import native_precisions
+
+    return ["fp32", *native_precisions(device)]
+
+
+@torch.inference_mode()
+def torchvision_limit(device: torch.device, seconds: float = 2.0) -> dict[str, dict[int, float]]:
+    """torchvision.models.alexnet in each native precision at each batch size: images/s."""
+    import torchvision
+
+    from model.precision import DTYPES
+
+    results = {}
+    for name in offered_precisions(device):
+        dtype = DTYPES[name]
+        net = torchvision.models.alexnet().eval().to(device=device, dtype=dtype, memory_format=torch.channels_last)
+        results[name] = {}
+        for batch in BATCH_SIZES:
+            x = torch.randn(batch, 3, 224, 224, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+
+            def run():
+                net(x)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+
+            results[name][batch] = median_rate(run, batch, seconds)
+    return results
+
+
+def predictor_speed(preset: str, precision: str, device: torch.device, seconds: float = 2.0) -> dict[int, float]:
+    """The project's Predictor.predict on uint8 batches (HWC-stacked, as the service builds them)."""
+    from model.checkpoint import Checkpoint, Manifest
+    from model.config import get_preset
+    from model.inference import Predictor
+    from model.network import AlexNet
+
+    spec = get_preset(preset)
+    manifest = Manifest(spec.config, preset, [str(i) for i in range(spec.config.num_classes)], spec.preprocessing)
+    predictor = Predictor(Checkpoint(AlexNet(spec.config).eval(), manifest, Path(".")), device, precision)
+    predictor.warm_up()
+    size = spec.preprocessing.input_size
+    results = {}
+    for batch in BATCH_SIZES:
+        images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+        results[batch] = median_rate(lambda: predictor.predict(images), batch, seconds)
+    return results
+
+
+def measure(presets: tuple[str, ...] = ("torchvision", "alexnet"), seconds: float = 2.0) -> dict:
+    """The limit and every preset x precision, with each one's best as a fraction of L."""
+    from model.inference import configure_cpu_threads, pick_device
+
+    device = pick_device()
+    if device.type == "cpu":
+        configure_cpu_threads()
+    limit = torchvision_limit(device, seconds)
+    best_limit = max(rate for rates in limit.values() for rate in rates.values())
+    predictors = {}
+    for preset in presets:
+        for precision in offered_precisions(device):
+            rates = predictor_speed(preset, precision, device, seconds)
+            predictors[f"{preset}/{precision}"] = {"rates": rates, "best": max(rates.values()),
+                                                   "over_limit": max(rates.values()) / best_limit}
+    return {"device": str(device), "limit": limit, "limit_best": best_limit, "predictors": predictors}
+
+
+def report(result: dict) -> str:
+    lines = [f"forward passes on {result['device']}, images/s at batch " + "/".join(map(str, BATCH_SIZES))]
+    for name, rates in result["limit"].items():
+        lines.append(f"  torchvision alexnet {name:5s} " + "  ".join(f"{rates[b]:8.1f}" for b in BATCH_SIZES))
+    lines.append(f"  limit L = {result['limit_best']:.1f} img/s")
+    for name, entry in result["predictors"].items():
+        lines.append(f"  Predictor {name:17s} " + "  ".join(f"{entry['rates'][b]:8.1f}" for b in BATCH_SIZES)
+                     + f"   best / L = {entry['over_limit']:.2f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--presets", nargs="+", default=["torchvision", "alexnet"])
+    parser.add_argument("--seconds", type=float, default=2.0, help="per batch size")
+    args = parser.parse_args()
+    print(report(measure(tuple(args.presets), args.seconds)))
+
+
+if __name__ == "__main__":
+    main()
