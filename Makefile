@@ -10,7 +10,7 @@ HOST ?= 127.0.0.1
 PORT ?= 3000
 MODEL_OUT ?= runs/default
 
-.PHONY: install default-model serve test test-fast test-busy fuzz system-deps loadtest loadtest-overload bench clean
+.PHONY: install default-model serve test test-fast test-busy fuzz system-deps loadtest loadtest-overload bench gpu-check clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON_BIN) -m venv $(VENV)
@@ -63,9 +63,20 @@ loadtest: default-model
 loadtest-overload: $(INSTALLED)
 	$(PY) -m loadtests run --scenario overload --gates all
 
-# Service vs raw-model throughput, presets small and alexnet (about 5 minutes).
+# Forward passes against torchvision's AlexNet (the limit), decode costs, the service's throughput and
+# CPU per image, the null-model frontend (about 8 minutes on 2 cores); reports/bench.{json,png}.
 bench: $(INSTALLED)
 	$(PY) -m loadtests.bench
+
+# On a CUDA machine: the GPU tests, then the benchmark, then a short report (reports/gpu-check.txt).
+gpu-check: $(INSTALLED)
+	@$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: no CUDA device here')"
+	@mkdir -p reports
+	set -o pipefail; $(PY) -m pytest -m gpu -v -rs 2>&1 | tee reports/gpu-tests.txt
+	set -o pipefail; $(PY) -m loadtests.bench 2>&1 | tee reports/gpu-bench.txt
+	@{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; \
+	   grep -E "passed|failed|skipped" reports/gpu-tests.txt | tail -1; \
+	   sed -n '/^preset /,$$p' reports/gpu-bench.txt; } | tee reports/gpu-check.txt
 
 clean:
 	rm -rf $(VENV) runs reports .pytest_cache

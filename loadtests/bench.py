@@ -1,24 +1,30 @@
-"""Throughput benchmark: the service against the raw model's ceiling, in one run.
+"""`make bench`: the service against the limits, measured in one run on one machine.
 
-    python -m loadtests.bench                       # presets small and alexnet
-    python -m loadtests.bench --presets alexnet --seconds 20
+    python -m loadtests.bench                              # everything (about 8 minutes on 2 cores)
+    python -m loadtests.bench --presets small --clients 1 32 --skip-forward
 
-For each preset, on this machine, in this process:
-  1. the raw in-process model (Predictor.predict: normalize + forward) at
-     batch 1, 8, 32, 64 -- the ceiling is the best of these;
-  2. decode + resize + crop per image on real JPEG photos;
-  3. the service end to end (`bentoml serve`, HTTP, multipart JPEG) at 1, 8,
-     32, 64 concurrent single-image clients: throughput, p50/p95/p99, and the
-     mean batch size the server formed (from its /metrics);
-  4. service throughput / ceiling.
-Weights are random (speed does not depend on them). Results: a table on
-stdout, reports/bench.json and reports/bench.png.
+  1. forward passes (loadtests.forward): torchvision's own AlexNet in fp32 and
+     bf16 at batch 1/8/32/64 -- the limit L is its best -- and the project's
+     Predictor for each preset in each precision this machine offers;
+  2. decode + resize + crop per JPEG at 640x480, 1280x960 and 3000x2000;
+  3. the service end to end (`bentoml serve`, HTTP, multipart JPEG photos,
+     closed-loop single-image clients that neither pause nor back off) at
+     1/8/32/64 clients: images/s, latency percentiles, errors, the mean batch
+     the server formed, and the server's CPU time per image over its whole
+     process tree (API and model workers);
+  4. the frontend alone: the null model (NULL_MODEL=1: a forward that costs
+     nothing) in the split layout at 1 and 2 API workers, and in one process:
+     requests/s per core of server CPU, what predicts a GPU box.
+Weights are random (speed does not depend on them). A table on stdout,
+reports/bench.json and reports/bench.png. No gates here: BENCHMARKS.md reads
+the ratios.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import os
 import platform
@@ -28,67 +34,66 @@ from pathlib import Path
 
 import torch
 
+from loadtests import forward
 from loadtests.images import photos
 from loadtests.server import ROOT, ServerProcess
 
-BATCH_SIZES = (1, 8, 32, 64)
 CONCURRENCY = (1, 8, 32, 64)
 # A closed-loop client resends the moment it is answered, so N clients keep N
-# images queued: on a 2-core CPU, 64 AlexNet images take 1-1.5 s to drain, and
-# BentoML's dispatcher sheds a request once its wait plus the predicted batch
-# time passes max_latency_ms. This benchmark measures throughput, so it gives
-# the queue room; shedding under overload is measured by the load tests'
-# overload scenario with the default budget.
+# images queued; this benchmark measures throughput, so it gives the queue
+# room. Shedding under overload is measured by the load tests' overload
+# scenario with the default budget.
 DEFAULT_SERVER_ENV = {"MAX_LATENCY_MS": "3000"}
+DECODE_SIZES = ((640, 480), (1280, 960), (3000, 2000))
 
 
-def raw_throughput(preset: str, seconds_per_size: float = 3.0) -> dict[int, float]:
-    from model.checkpoint import Checkpoint, Manifest
+def decode_costs(presets: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """Median ms of load_pixels (decode + resize + crop) for a q90 JPEG photo of each size, per preset."""
+    import skimage.data
+    from PIL import Image
+
     from model.config import get_preset
-    from model.inference import Predictor, configure_cpu_threads, pick_device
-    from model.network import AlexNet
+    from model.preprocess import load_pixels
 
-    spec = get_preset(preset)
-    device = pick_device()
-    if device.type == "cpu":
-        configure_cpu_threads()
-    manifest = Manifest(spec.config, preset, [str(i) for i in range(spec.config.num_classes)], spec.preprocessing)
-    predictor = Predictor(Checkpoint(AlexNet(spec.config).eval(), manifest, Path(".")), device)
-    size = spec.preprocessing.input_size
-    results = {}
-    for batch in BATCH_SIZES:
-        images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
-        predictor.predict(images)  # warm-up
-        rates = []
-        deadline = time.perf_counter() + seconds_per_size
-        while time.perf_counter() < deadline or len(rates) < 3:
-            start = time.perf_counter()
-            predictor.predict(images)
-            rates.append(batch / (time.perf_counter() - start))
-        results[batch] = statistics.median(rates)
-    return results
-
-
-def preprocess_cost(preset: str) -> dict[str, float]:
-    from model.config import get_preset
-    from model.preprocess import load_image
-
-    prep = get_preset(preset).preprocessing
-    out = {}
-    for image in photos((640, 320), ("JPEG",)) + photos((256,), ("PNG",)):
-        load_image(image.data, prep)
-        times = []
-        for _ in range(20):
-            start = time.perf_counter()
-            load_image(image.data, prep)
-            times.append(time.perf_counter() - start)
-        out[image.name] = statistics.median(times) * 1000
+    base = Image.fromarray(skimage.data.astronaut())
+    out: dict[str, dict[str, float]] = {}
+    for width, height in DECODE_SIZES:
+        buffer = io.BytesIO()
+        base.resize((width, height), Image.Resampling.BICUBIC).save(buffer, format="JPEG", quality=90)
+        data = buffer.getvalue()
+        for preset in presets:
+            prep = get_preset(preset).preprocessing
+            load_pixels(data, prep)
+            times = []
+            for _ in range(15):
+                start = time.perf_counter()
+                load_pixels(data, prep)
+                times.append(time.perf_counter() - start)
+            out.setdefault(preset, {})[f"{width}x{height}"] = statistics.median(times) * 1000
     return out
 
 
-def _metric_total(text: str, name: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{")
-               or line.startswith(name + " "))
+def request_photo_decode_ms(preset: str) -> float:
+    """Median decode + resize + crop of the photos the benchmark's clients send, for this preset."""
+    from model.config import get_preset
+    from model.preprocess import load_pixels
+
+    prep = get_preset(preset).preprocessing
+    times = []
+    for photo in photos((640, 320), ("JPEG",)):
+        load_pixels(photo.data, prep)
+        for _ in range(5):
+            start = time.perf_counter()
+            load_pixels(photo.data, prep)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
+
+
+def _multipart(image_bytes: bytes, name: str) -> tuple[bytes, str]:
+    boundary = "benchboundary7d1f"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"images\"; filename=\"{name}\"\r\n"
+            f"Content-Type: image/jpeg\r\n\r\n").encode() + image_bytes + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
 
 
 async def _closed_loop(url: str, bodies: list[tuple[bytes, str]], clients: int, seconds: float) -> dict:
@@ -105,12 +110,16 @@ async def _closed_loop(url: str, bodies: list[tuple[bytes, str]], clients: int, 
             body, content_type = bodies[i % len(bodies)]
             i += clients
             start = time.perf_counter()
-            async with session.post(f"{url}/classify", data=body, headers={"Content-Type": content_type}) as resp:
-                await resp.read()
-                if resp.status == 200:
-                    latencies.append(time.perf_counter() - start)
-                else:
-                    errors += 1
+            try:
+                async with session.post(f"{url}/classify", data=body, headers={"Content-Type": content_type}) as resp:
+                    await resp.read()
+                    ok = resp.status == 200
+            except aiohttp.ClientError:
+                ok = False
+            if ok:
+                latencies.append(time.perf_counter() - start)
+            else:
+                errors += 1
 
     connector = aiohttp.TCPConnector(limit=clients)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
@@ -126,38 +135,59 @@ async def _closed_loop(url: str, bodies: list[tuple[bytes, str]], clients: int, 
             "p50_ms": pct(0.5), "p95_ms": pct(0.95), "p99_ms": pct(0.99), "requests": len(latencies)}
 
 
-def _multipart(image_bytes: bytes, name: str) -> tuple[bytes, str]:
-    boundary = "benchboundary7d1f"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"images\"; filename=\"{name}\"\r\n"
-            f"Content-Type: image/jpeg\r\n\r\n").encode() + image_bytes + f"\r\n--{boundary}--\r\n".encode()
-    return body, f"multipart/form-data; boundary={boundary}"
+def _cpu_seconds(root_pid: int) -> dict[str, float]:
+    """CPU seconds so far of the server's process tree, by kind: API workers, model workers, the rest."""
+    import psutil
+
+    root = psutil.Process(root_pid)
+    totals = {"api": 0.0, "model": 0.0, "other": 0.0}
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+            command = " ".join(process.cmdline())
+        except psutil.NoSuchProcess:
+            continue
+        kind = "model" if "cnn_model" in command else "api" if "_bentoml_impl.worker" in command else "other"
+        totals[kind] += times.user + times.system
+    return totals
 
 
-def service_throughput(preset: str, reports: Path, seconds: float, env_overrides: dict[str, str],
-                       concurrency: tuple[int, ...] = CONCURRENCY) -> list[dict]:
+def _metric_total(text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") or line.startswith(name + " "))
+
+
+def service_levels(preset: str, reports: Path, seconds: float, env: dict[str, str],
+                   concurrency: tuple[int, ...], label: str) -> list[dict]:
+    """The service (preset, env) at each concurrency level, with CPU per image by process kind."""
     import httpx
 
     from loadtests.__main__ import untrained_checkpoint
 
     checkpoint = untrained_checkpoint(preset, reports / "models" / preset)
-    env = {**os.environ, "CHECKPOINT_DIR": str(checkpoint), "BENTOML_DO_NOT_TRACK": "True", **env_overrides}
-    server = ServerProcess(env, reports / f"bench_{preset}_server.log")
+    server_env = {**os.environ, "CHECKPOINT_DIR": str(checkpoint), "BENTOML_DO_NOT_TRACK": "True", **env}
+    server = ServerProcess(server_env, reports / f"bench_{label}_server.log")
     try:
-        server.wait_ready(timeout=180)
+        server.wait_ready(timeout=300)
         bodies = [_multipart(p.data, p.name) for p in photos((640, 320), ("JPEG",))]
         asyncio.run(_closed_loop(server.url, bodies, 4, 2.0))  # warm the connection pool and the server
         rows = []
         for clients in concurrency:
-            before = httpx.get(f"{server.url}/metrics").text
+            before_metrics, before_cpu = httpx.get(f"{server.url}/metrics").text, _cpu_seconds(server.process.pid)
             row = asyncio.run(_closed_loop(server.url, bodies, clients, seconds))
-            after = httpx.get(f"{server.url}/metrics").text
-            batches = _metric_total(after, "cnn_batch_size_count") - _metric_total(before, "cnn_batch_size_count")
-            images = _metric_total(after, "cnn_batch_size_sum") - _metric_total(before, "cnn_batch_size_sum")
+            after_cpu, after_metrics = _cpu_seconds(server.process.pid), httpx.get(f"{server.url}/metrics").text
+            served = max(1, row["requests"])
+            row["cpu_ms_per_image"] = {k: 1000 * (after_cpu[k] - before_cpu[k]) / served for k in after_cpu}
+            row["cpu_ms_per_image"]["total"] = sum(row["cpu_ms_per_image"].values())
+            batches = _metric_total(after_metrics, "cnn_batch_size_count") - _metric_total(before_metrics,
+                                                                                           "cnn_batch_size_count")
+            images = _metric_total(after_metrics, "cnn_batch_size_sum") - _metric_total(before_metrics,
+                                                                                        "cnn_batch_size_sum")
             row["mean_batch_size"] = images / batches if batches else float("nan")
             rows.append(row)
-            print(f"  {preset} service, {clients:3d} clients: {row['images_per_s']:7.1f} img/s, p50 "
-                  f"{row['p50_ms']:.1f} ms, p95 {row['p95_ms']:.1f} ms, mean batch {row['mean_batch_size']:.1f}, "
-                  f"errors {row['errors']}", flush=True)
+            print(f"  {label}, {clients:3d} clients: {row['images_per_s']:7.1f} img/s, p50 {row['p50_ms']:.1f} ms, "
+                  f"p99 {row['p99_ms']:.1f} ms, batch {row['mean_batch_size']:.1f}, errors {row['errors']}, "
+                  f"server CPU {row['cpu_ms_per_image']['total']:.2f} core-ms/img", flush=True)
         return rows
     finally:
         server.stop()
@@ -169,18 +199,20 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (rate_ax, p95_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    for preset, result in results["presets"].items():
-        clients = [row["clients"] for row in result["service"]]
-        line, = rate_ax.plot(clients, [row["images_per_s"] for row in result["service"]], marker="o",
+    fig, (rate_ax, cpu_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for preset, result in results["service"].items():
+        clients = [row["clients"] for row in result["levels"]]
+        line, = rate_ax.plot(clients, [row["images_per_s"] for row in result["levels"]], marker="o",
                              label=f"{preset} service")
-        rate_ax.axhline(result["ceiling_images_per_s"], color=line.get_color(), linestyle="--", alpha=0.6,
-                        label=f"{preset} raw ceiling")
-        p95_ax.plot(clients, [row["p95_ms"] for row in result["service"]], marker="o", label=preset)
-    # Log scales: the presets' rates differ by ~100x, and each must be readable against its ceiling.
+        rate_ax.axhline(result["raw_ceiling"], color=line.get_color(), linestyle="--", alpha=0.6,
+                        label=f"{preset} raw model")
+        cpu_ax.plot(clients, [row["cpu_ms_per_image"]["total"] for row in result["levels"]], marker="o", label=preset)
+    if "limit_best" in results.get("forward", {}):
+        rate_ax.axhline(results["forward"]["limit_best"], color="black", linestyle=":", label="L (torchvision)")
     rate_ax.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="images/s", title="Throughput")
-    p95_ax.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="p95 latency (ms)", title="p95 latency")
-    for ax in (rate_ax, p95_ax):
+    cpu_ax.set(xscale="log", xlabel="concurrent clients", ylabel="server core-ms per image",
+               title="Server CPU per image (whole process tree)")
+    for ax in (rate_ax, cpu_ax):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -189,50 +221,84 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="service throughput vs the raw model ceiling")
-    parser.add_argument("--presets", nargs="+", default=["small", "alexnet"])
-    parser.add_argument("--seconds", type=float, default=15.0, help="per concurrency level")
-    parser.add_argument("--reports", type=Path, default=ROOT / "reports")
+    parser = argparse.ArgumentParser(description="service throughput and CPU against the limits")
+    parser.add_argument("--presets", nargs="+", default=["small", "torchvision"])
+    parser.add_argument("--seconds", type=float, default=12.0, help="per concurrency level")
     parser.add_argument("--clients", type=int, nargs="+", default=list(CONCURRENCY))
+    parser.add_argument("--reports", type=Path, default=ROOT / "reports")
+    parser.add_argument("--skip-forward", action="store_true", help="skip the forward-pass and decode figures")
+    parser.add_argument("--skip-null", action="store_true", help="skip the null-model frontend runs")
     parser.add_argument("--env", action="append", default=[],
                         help=f"server environment override KEY=VALUE (defaults: {DEFAULT_SERVER_ENV})")
     args = parser.parse_args()
     args.reports.mkdir(parents=True, exist_ok=True)
     overrides = {**DEFAULT_SERVER_ENV, **dict(item.split("=", 1) for item in args.env)}
-    results = {
+    from model.inference import configure_cpu_threads
+
+    configure_cpu_threads()  # the limit is measured as the service runs its model: every core, our allocator
+    results: dict = {
         "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                    "torch": torch.__version__, "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-                    "torch_threads": torch.get_num_threads()},
-        "server_env": overrides,
-        "presets": {},
+                    "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                    "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+        "server_env": overrides, "service": {}, "null_model": {},
     }
+    if not args.skip_forward:
+        print("forward passes", flush=True)
+        results["forward"] = forward.measure(("torchvision", "alexnet", "small"))
+        print(forward.report(results["forward"]), flush=True)
+        results["decode_ms"] = decode_costs(tuple(args.presets))
+        for preset, sizes in results["decode_ms"].items():
+            print(f"  decode+resize+crop for {preset}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in sizes.items()))
     for preset in args.presets:
-        print(f"{preset}: raw model", flush=True)
-        raw = raw_throughput(preset)
-        for batch, rate in raw.items():
-            print(f"  batch {batch:3d}: {rate:8.1f} img/s", flush=True)
-        preprocess = preprocess_cost(preset)
-        jpeg_ms = statistics.median(v for k, v in preprocess.items() if k.endswith(".jpeg"))
-        print(f"  decode+preprocess: median {jpeg_ms:.2f} ms per JPEG photo", flush=True)
-        service = service_throughput(preset, args.reports, args.seconds, overrides, tuple(args.clients))
-        ceiling = max(raw.values())
-        for row in service:
-            row["ratio_to_ceiling"] = row["images_per_s"] / ceiling
-        results["presets"][preset] = {
-            "raw_images_per_s": raw, "ceiling_images_per_s": ceiling, "best_batch": max(raw, key=raw.get),
-            "preprocess_ms": preprocess, "jpeg_preprocess_median_ms": jpeg_ms, "service": service,
-            "single_client_p50_over_batch1_plus_decode": service[0]["p50_ms"] / (1000 / raw[1] + jpeg_ms),
-        }
+        print(f"{preset}: service", flush=True)
+        levels = service_levels(preset, args.reports, args.seconds, overrides, tuple(args.clients), preset)
+        entry: dict = {"levels": levels}
+        ours = {k: v for k, v in results.get("forward", {}).get("predictors", {}).items() if k.startswith(preset + "/")}
+        if ours:
+            entry["raw_ceiling"] = max(v["best"] for v in ours.values())
+            entry["batch1_forward_ms"] = min(1000 / v["rates"][1] for v in ours.values())
+            for row in levels:
+                row["over_raw_ceiling"] = row["images_per_s"] / entry["raw_ceiling"]
+                if preset in ("torchvision", "alexnet"):
+                    row["over_limit"] = row["images_per_s"] / results["forward"]["limit_best"]
+            entry["request_photo_decode_ms"] = decode = request_photo_decode_ms(preset)
+            entry["one_client_p50_over_forward_plus_decode"] = levels[0]["p50_ms"] / (entry["batch1_forward_ms"]
+                                                                                     + decode)
+        results["service"][preset] = entry
+    if not args.skip_null:
+        for name, label, env in (("null_single", "single, 1 API worker", {"LAYOUT": "single"}),
+                                 ("null_split1", "split, 1 API worker", {"LAYOUT": "split", "API_WORKERS": "1"}),
+                                 ("null_split2", "split, 2 API workers", {"LAYOUT": "split", "API_WORKERS": "2"})):
+            print(f"null model, {label}", flush=True)
+            rows = service_levels("small", args.reports, args.seconds, {**overrides, **env, "NULL_MODEL": "1"}, (32,),
+                                  name)
+            row = rows[0]
+            row["requests_per_s_per_server_core"] = 1000 / row["cpu_ms_per_image"]["total"]
+            results["null_model"][label] = row
     (args.reports / "bench.json").write_text(json.dumps(results, indent=2))
-    plot(results, args.reports / "bench.png")
-    print("\npreset    clients  img/s   ratio  p50 ms  p95 ms  p99 ms  batch")
-    for preset, result in results["presets"].items():
-        for row in result["service"]:
-            print(f"{preset:9s} {row['clients']:7d} {row['images_per_s']:6.1f}  {row['ratio_to_ceiling']:5.2f} "
-                  f"{row['p50_ms']:7.1f} {row['p95_ms']:7.1f} {row['p99_ms']:7.1f}  {row['mean_batch_size']:5.1f}")
-        print(f"{preset:9s} ceiling {result['ceiling_images_per_s']:.1f} img/s at batch {result['best_batch']}; "
-              f"1-client p50 / (batch-1 forward + decode) = {result['single_client_p50_over_batch1_plus_decode']:.2f}")
-    print(f"\nwrote {args.reports / 'bench.json'} and {args.reports / 'bench.png'}")
+    if results["service"] and all("raw_ceiling" in v for v in results["service"].values()):
+        plot(results, args.reports / "bench.png")
+    print(summary(results))
+    print(f"\nwrote {args.reports / 'bench.json'}")
+
+
+def summary(results: dict) -> str:
+    lines = ["", "preset       clients   img/s  /ceiling  /L     p50 ms  p99 ms  batch  errors  core-ms/img"]
+    for preset, entry in results["service"].items():
+        for row in entry["levels"]:
+            lines.append(f"{preset:12s} {row['clients']:7d} {row['images_per_s']:7.1f} "
+                         f"{row.get('over_raw_ceiling', float('nan')):8.2f} {row.get('over_limit', float('nan')):5.2f} "
+                         f"{row['p50_ms']:8.1f} {row['p99_ms']:7.1f} {row['mean_batch_size']:6.1f} {row['errors']:7d} "
+                         f"{row['cpu_ms_per_image']['total']:8.2f}")
+        if "raw_ceiling" in entry:
+            lines.append(f"{preset:12s} raw model ceiling {entry['raw_ceiling']:.1f} img/s; 1-client p50 / "
+                         f"(batch-1 forward + decode) = {entry['one_client_p50_over_forward_plus_decode']:.2f}")
+    for label, row in results["null_model"].items():
+        cpu = row["cpu_ms_per_image"]
+        lines.append(f"null model, {label}: {row['images_per_s']:.1f} req/s at 32 clients; server CPU "
+                     f"{cpu['total']:.2f} core-ms/req (API {cpu['api']:.2f}, model {cpu['model']:.2f}); "
+                     f"{row['requests_per_s_per_server_core']:.0f} req/s per server core")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

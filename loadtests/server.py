@@ -100,6 +100,9 @@ class ServerProcess:
         self.stop()
         raise TimeoutError(f"server not ready after {timeout}s:\n{self.log()[-4000:]}")
 
+    def ready(self) -> bool:
+        return is_ready(self.url)
+
     def worker_pids(self) -> list[int]:
         import psutil
 

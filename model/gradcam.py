@@ -37,10 +37,9 @@ def grad_cam(model: AlexNet, inputs: torch.Tensor, layer: str, class_index: int 
     class_index None explains the top-1 class. Runs in fp32 with gradients,
     so it costs about one forward and one backward pass.
     """
-    named = model.named_layers.get(layer)
-    if named is None or named.kind != "conv":
-        convs = [name for name, info in model.named_layers.items() if info.kind == "conv"]
-        raise KeyError(f"Grad-CAM needs a conv layer; {layer!r} is not one of {convs}")
+    model.check_conv_layer(layer)
+    model.check_class(class_index)
+    named = model.named_layers[layer]
     with torch.enable_grad():
         x = inputs.float()
         maps = None

@@ -31,10 +31,6 @@ from model.optimize import inference_model
 from model.preprocess import Normalizer
 
 
-class UnknownLayer(KeyError):
-    """A layer name the model does not have (the service answers 422)."""
-
-
 def pick_device(requested: str | None = None) -> torch.device:
     """CUDA when available, unless DEVICE says otherwise."""
     requested = (requested or "auto").lower()
@@ -97,9 +93,7 @@ class Predictor:
         """Activations (C, H, W) or (D,) of one uint8 (3, S, S) image at the named layers, float32 on CPU."""
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {list(STAGES)}")
-        unknown = [name for name in layers if name not in self.model.named_layers]
-        if unknown:
-            raise UnknownLayer(f"unknown layer(s) {unknown[:10]}; valid: {list(self.model.named_layers)}")
+        self.model.check_layers(layers)
         with self._lock:
             found = self.model.extract(self._pixels(image.unsqueeze(0)), {name: stage for name in layers})
         return {name: found[name][0].float().cpu() for name in layers}
@@ -110,10 +104,13 @@ class Predictor:
 
     def grad_cam(self, image: torch.Tensor, layer: str, class_index: int | None = None) -> ClassActivationMap:
         """Grad-CAM of one uint8 (3, S, S) image at a conv layer (fp32 reference, with gradients)."""
-        if class_index is not None and not 0 <= class_index < self.reference.config.num_classes:
-            raise IndexError(f"class_index must be in 0..{self.reference.config.num_classes - 1}")
         with self._lock:
             return grad_cam(self.reference, self.normalized(image), layer, class_index)
+
+    def kernels(self, layer: str) -> torch.Tensor:
+        """A conv layer's weights as learned (out, in, k, k), float32 on CPU (the serving copy is folded)."""
+        self.reference.check_conv_layer(layer)
+        return self.reference.get_submodule(layer).weight.detach().float().cpu()
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1, 8)) -> float:
         """Run a few forwards so the first real request does not pay for lazy
@@ -131,6 +128,26 @@ class Predictor:
             return None
         total = torch.cuda.get_device_properties(self.device).total_memory
         return torch.cuda.memory_allocated(self.device), torch.cuda.memory_reserved(self.device), total
+
+
+class NullPredictor(Predictor):
+    """A model that costs nothing, for measuring the frontend alone (NULL_MODEL=1; the habit
+    of Triton's identity backend): uniform probabilities, zero embeddings, no forward pass."""
+
+    def __init__(self, checkpoint: Checkpoint, device: torch.device, precision: str = "auto", parallel: int = 1):
+        self.manifest = checkpoint.manifest
+        self.device = torch.device("cpu")
+        self.precision = precisions.Precision("fp32", precision, "null model: nothing is computed")
+        self.reference = self.model = checkpoint.model
+        self.normalizer = Normalizer(self.manifest.preprocessing)
+        self.input_size = self.manifest.preprocessing.input_size
+        self._lock = threading.BoundedSemaphore(parallel)
+        self._classes = checkpoint.model.config.num_classes
+        self._dim = checkpoint.model.config.fc_widths[-1] if checkpoint.model.config.fc_widths else self._classes
+
+    def predict(self, images: torch.Tensor) -> BatchOutput:
+        n = len(images)
+        return BatchOutput(torch.full((n, self._classes), 1.0 / self._classes), torch.zeros(n, self._dim), 1e-6)
 
 
 def configure_cpu_threads(threads: int | None = None) -> int:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from model.config import ConvStage, ModelConfig
+from model.errors import ClassOutOfRange, UnknownLayer
 from model.lrn import LocalResponseNorm
 
 Stage = str  # "pre_relu" | "post_relu"
@@ -118,6 +119,24 @@ class AlexNet(nn.Sequential):
         """The penultimate layer (fc7 for AlexNet): the image's feature vector."""
         return list(self.named_layers)[-2]
 
+    @property
+    def conv_layers(self) -> list[str]:
+        return [name for name, layer in self.named_layers.items() if layer.kind == "conv"]
+
+    def check_layers(self, names: list[str]) -> None:
+        """Raise UnknownLayer unless every name is an addressable layer (conv1, pool1, ..., fc8)."""
+        unknown = [name for name in names if name not in self.named_layers]
+        if unknown:
+            raise UnknownLayer(f"unknown layer(s) {unknown[:10]}; valid: {list(self.named_layers)}")
+
+    def check_conv_layer(self, name: str) -> None:
+        if name not in self.conv_layers:
+            raise UnknownLayer(f"this needs a conv layer; {name!r} is not one of {self.conv_layers}")
+
+    def check_class(self, index: int | None) -> None:
+        if index is not None and not 0 <= index < self.config.num_classes:
+            raise ClassOutOfRange(f"class_index must be in 0..{self.config.num_classes - 1}")
+
     def extract(self, x: torch.Tensor, requests: dict[str, Stage]) -> dict[str, torch.Tensor]:
         """Run the network up to the deepest requested layer and return the
         requested activations, keyed by layer name.
@@ -125,11 +144,10 @@ class AlexNet(nn.Sequential):
         requests maps a layer name to "pre_relu" or "post_relu". Work stops at
         the deepest module needed, so asking for conv1 costs one conv.
         """
+        self.check_layers(list(requests))
         wanted: dict[str, str] = {}
         for name, stage in requests.items():
-            layer = self.named_layers.get(name)
-            if layer is None:
-                raise KeyError(f"unknown layer {name!r}; valid: {list(self.named_layers)}")
+            layer = self.named_layers[name]
             if stage not in STAGES:
                 raise ValueError(f"unknown stage {stage!r}; valid: {list(STAGES)}")
             module_name = layer.pre_relu_module if stage == "pre_relu" else layer.post_relu_module

@@ -46,7 +46,9 @@ def _window(module: nn.Module) -> tuple[int, int, int]:
 def layer_table(model: AlexNet) -> list[LayerInfo]:
     config = model.config
     shapes: dict[str, tuple[int, ...]] = {}
-    x = torch.zeros(1, config.in_channels, config.input_size, config.input_size)
+    # On the model's device: a model built on "meta" gives every shape without computing anything.
+    device = next(model.parameters()).device
+    x = torch.zeros(1, config.in_channels, config.input_size, config.input_size, device=device)
     for name, module in model.named_children():
         x = module(x)
         shapes[name] = tuple(x.shape[1:])

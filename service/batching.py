@@ -9,9 +9,12 @@ never split, and jobs run in arrival order.
 
 Why our own: in one process a request's images only need to move from the
 event loop to the forward thread. BentoML's batching is for requests that
-arrive over HTTP at a batchable API -- the split layout uses it for calls
-between processes (service.model_service) -- and reaching it from inside the
-same process needs its private internals. Measured here: BENCHMARKS.md.
+arrive over HTTP at a batchable API, and reaching it from inside the same
+process needs its private internals. In the split layout each API worker
+batches its own requests with this before calling the model service, whose
+BentoML batching then merges the API workers' batches: one call between
+processes per batch instead of per request (that hop costs about 1.5
+core-ms a call here; BENCHMARKS.md).
 
 A job that waited past `max_latency_s` before its batch started is refused
 (503 overloaded) instead of run late: admission control (service.admission)
@@ -26,7 +29,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-import anyio
 import numpy as np
 
 from service.errors import Refusal
@@ -40,20 +42,20 @@ class _Job:
 
 
 class Batcher:
-    """`await submit(images)` -> whatever `forward(batch)` returns for those rows.
+    """`await submit(images)` -> whatever `await forward(batch)` gives for those rows.
 
     `forward(batch)` takes a uint8 (N, S, S, 3) array and returns an object
-    `split(result, start, stop)` can slice per job; it runs in a worker
-    thread, `parallel` batches at a time (1: one forward owns every core).
-    `observe(images, seconds)` hears about every batch (metrics, admission)."""
+    `split(result, start, stop)` can slice per job; `parallel` batches are in
+    flight at a time (1 for a model in this process: one forward owns every
+    core). `observe(images, result)` hears about every batch (metrics, admission)."""
 
     def __init__(self, forward: Callable, split: Callable, max_batch_size: int, max_latency_s: float,
-                 parallel: int = 1, observe: Callable[[int, float], None] | None = None):
+                 parallel: int = 1, observe: Callable | None = None):
         self.forward, self.split = forward, split
         self.max_batch_size = max_batch_size
         self.max_latency_s = max_latency_s
         self.parallel = parallel
-        self.observe = observe or (lambda images, seconds: None)
+        self.observe = observe or (lambda images, result: None)
         self._queue: collections.deque[_Job] = collections.deque()
         self._wake: asyncio.Event | None = None
         self._workers: list[asyncio.Task] = []
@@ -94,15 +96,14 @@ class Batcher:
                 await self._wake.wait()
                 continue
             batch = jobs[0].images if len(jobs) == 1 else np.concatenate([job.images for job in jobs])
-            start = time.perf_counter()
             try:
-                result = await anyio.to_thread.run_sync(self.forward, batch)
+                result = await self.forward(batch)
             except Exception as err:  # a failed forward fails its own jobs, never the batcher
                 for job in jobs:
                     if not job.future.done():
                         job.future.set_exception(err)
                 continue
-            self.observe(len(batch), time.perf_counter() - start)
+            self.observe(len(batch), result)
             offset = 0
             for job in jobs:
                 if not job.future.done():

@@ -1,13 +1,27 @@
-"""Service settings, read once from the environment into one typed object.
+"""Service settings, read once from the environment into one typed object,
+and the process layout they imply.
 
-Batching defaults are fitted to measured forward latency on the 2-core CPU
-this project is developed on (BENCHMARKS.md): a batch of 32 takes about 15
-ms with the default small model and 330-580 ms with AlexNet-224 (the VM's
-speed varies), and batches beyond 8 gain little on a CPU. A latency budget of
-1 s lets the dispatcher build full batches for the small model and keeps
-~30 AlexNet images in flight; the queue is refused (503) beyond that. On a
-GPU, a batch of 32 AlexNet images takes milliseconds: lower MAX_LATENCY_MS
-there to tighten the latency promise.
+Batching defaults are fitted to measured forward latency (BENCHMARKS.md): on
+the 2-core development CPU a batch of 32 takes a few milliseconds with the
+default small model and 40-70 ms with AlexNet-224 in bf16, ~160 ms in fp32.
+A latency budget of 1 s keeps ~30 fp32 AlexNet images in flight there; the
+queue is refused (503) beyond that. On a GPU, a batch of 32 AlexNet images
+takes milliseconds: lower MAX_LATENCY_MS there to tighten the promise.
+
+Layout (LAYOUT):
+  single  one kind of process: each API worker decodes, batches (its own
+          batcher, service.batching) and runs its own copy of the model. The
+          fastest on a CPU-only box, where the model and the frontend share
+          the same cores anyway (BENCHMARKS.md: split costs ~1 core-ms more
+          per image for the hop between processes). One worker per core, up
+          to MAX_CPU_WORKERS (each holds a model): two on the 2-core dev VM
+          served 1.4x the images of one, the frontend's Python being what a
+          single process runs out of first.
+  split   API workers (decode, validation, responses; as many as the cores
+          need) call a model service through `bentoml.depends`: one batched
+          model worker per GPU. The frontend, not the GPU, runs out first on
+          a GPU box, so it must scale over processes.
+  auto    split when CUDA is available, single otherwise.
 """
 
 from __future__ import annotations
@@ -41,6 +55,11 @@ class ServiceConfig:
     # auto: bf16 where the hardware computes it natively and the checkpoint's recorded
     # agreement with fp32 allows it, else fp32 (model.precision); or fp32 | bf16 | fp16.
     precision: str = "auto"
+    layout: str = "auto"  # auto | single | split (module docstring)
+    api_workers: int = 0  # 0: single -> one per core (up to MAX_CPU_WORKERS); split -> one per core but the model's
+    model_workers: int = 0  # split: 0 -> one per GPU (1 on a CPU)
+    gpu_decode: str = "auto"  # auto: JPEGs decode on the GPU where this process has CUDA; on | off
+    null_model: bool = False  # benchmark only: a "model" that costs nothing, to measure the frontend
     max_batch_size: int = 32
     max_latency_ms: int = 1000
     # Admission control aims admitted work at this fraction of max_latency_ms;
@@ -48,18 +67,16 @@ class ServiceConfig:
     # Measured at 4x overload (alexnet, 300 ms budget): 0.6 refuses in 28 ms
     # (p95) but admits too little to fill batches (11 ok req/s); 0.85 admits 31
     # req/s but refusals wait 111 ms behind the decoding it admitted; 0.7: 22
-    # req/s, refusals 36 ms, accepted p99 435 ms (330-371 ms once the service
-    # froze its start-up heap out of the garbage collector; see service.py).
+    # req/s, refusals 36 ms, accepted p99 330-371 ms.
     admission_target: float = 0.7
     max_images_per_request: int = 64
     max_body_bytes: int = 32 * 1024 * 1024
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     max_feature_map_bytes: int = 8 * 1024 * 1024  # cap on one /feature_maps response
-    batch_dispatch: str = "auto"  # auto: straight to BentoML's dispatcher; http: through in-process HTTP
-    forward_threads: int = 1  # forward passes at once (BentoML `threads` for the batch API)
-    torch_threads: int = 0  # intra-op threads per forward; 0 = cores / forward_threads
-    max_concurrency: int = 256  # requests in flight per worker before 503
+    forward_threads: int = 1  # batches in flight at once per model worker
+    torch_threads: int = 0  # intra-op threads per forward; 0 = the cores this layout leaves the model
+    max_concurrency: int = 256  # requests in flight per API worker before BentoML answers 503
     request_timeout_s: int = 30
     retry_after_s: int = 1
     api_key: str | None = field(default=None, repr=False)
@@ -71,6 +88,11 @@ class ServiceConfig:
             checkpoint_dir=os.environ.get("CHECKPOINT_DIR") or None,
             device=os.environ.get("DEVICE", "auto"),
             precision=_precision(),
+            layout=(os.environ.get("LAYOUT") or "auto").lower(),
+            api_workers=_int("API_WORKERS", cls.api_workers),
+            model_workers=_int("MODEL_WORKERS", cls.model_workers),
+            gpu_decode=(os.environ.get("GPU_DECODE") or "auto").lower(),
+            null_model=os.environ.get("NULL_MODEL", "") not in ("", "0"),
             max_batch_size=_int("MAX_BATCH_SIZE", cls.max_batch_size),
             max_latency_ms=_int("MAX_LATENCY_MS", cls.max_latency_ms),
             admission_target=float(os.environ.get("ADMISSION_TARGET") or cls.admission_target),
@@ -80,13 +102,51 @@ class ServiceConfig:
             max_image_pixels=_int("MAX_IMAGE_PIXELS", cls.max_image_pixels),
             max_feature_map_bytes=_int("MAX_FEATURE_MAP_BYTES", cls.max_feature_map_bytes),
             max_concurrency=_int("MAX_CONCURRENCY", cls.max_concurrency),
-            batch_dispatch=os.environ.get("BATCH_DISPATCH") or cls.batch_dispatch,
             forward_threads=_int("FORWARD_THREADS", cls.forward_threads),
             torch_threads=_int("TORCH_THREADS", cls.torch_threads),
             request_timeout_s=_int("REQUEST_TIMEOUT_S", cls.request_timeout_s),
             retry_after_s=_int("RETRY_AFTER_S", cls.retry_after_s),
             api_key=os.environ.get("API_KEY") or None,
         )
+
+
+MAX_CPU_WORKERS = 4  # the single layout's default cap: every worker holds a copy of the model
+
+
+@dataclass(frozen=True)
+class Layout:
+    split: bool
+    api_workers: int
+    model_workers: int
+    gpus: int
+
+    @classmethod
+    def choose(cls, config: ServiceConfig, cores: int | None = None, gpus: int | None = None) -> Layout:
+        """The process layout for this machine (cores, visible GPUs) and these settings."""
+        cores = cores or os.cpu_count() or 1
+        if gpus is None:
+            gpus = _visible_gpus(config.device)
+        if config.layout not in ("auto", "single", "split"):
+            raise ValueError(f"LAYOUT must be auto, single or split, not {config.layout!r}")
+        split = config.layout == "split" or (config.layout == "auto" and gpus > 0)
+        if not split:
+            return cls(False, config.api_workers or min(cores, MAX_CPU_WORKERS), 0, gpus)
+        model_workers = config.model_workers or max(1, gpus)
+        # Every core but the model workers' (their Python threads feed the GPU) serves HTTP.
+        api_workers = config.api_workers or max(1, cores - model_workers)
+        return cls(True, api_workers, model_workers, gpus)
+
+    def describe(self) -> dict:
+        return {"split": self.split, "api_workers": self.api_workers, "model_workers": self.model_workers,
+                "gpus": self.gpus}
+
+
+def _visible_gpus(device: str) -> int:
+    if device == "cpu":
+        return 0
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 CONFIG = ServiceConfig.from_env()

@@ -1,16 +1,39 @@
-"""Shaping activations into the /feature_maps response: channel choice, PNG grids,
-exact float16 arrays, per-channel statistics."""
+"""/feature_maps: which layers and channels, the activations from the backend, and the
+response -- PNG grids, exact float16 arrays or per-channel statistics."""
 
 from __future__ import annotations
 
 import base64
 
+import anyio
+import numpy as np
 import torch
 
 from model.summary import LayerInfo
 from model.visualize import encode_png, feature_map_grid
 from service.errors import Refusal
 from service.schemas import ArrayPayload, ChannelStats, LayerFeatureMaps
+
+
+async def feature_maps(backend, layers_table: dict[str, LayerInfo], image: np.ndarray, layers: list[str] | None,
+                       channels: list[int] | None, top_channels: int | None, stage: str, fmt: str,
+                       max_bytes: int) -> tuple[list[LayerFeatureMaps], int]:
+    """The layer bodies of a /feature_maps answer for one decoded image, and their payload bytes."""
+    names = list(dict.fromkeys(layers)) if layers else [n for n, row in layers_table.items() if row.type == "conv"]
+    if channels is not None and top_channels is not None:
+        raise Refusal(400, "ambiguous_channels", "give `channels` or `top_channels`, not both")
+    found = await backend.activations(image, names, stage)
+    activations = {name: torch.from_numpy(found[name]) for name in names}
+    chosen = {n: choose_channels(n, activations[n], channels, top_channels) for n in names}
+    size = estimated_bytes(activations, chosen, fmt)
+    if size > max_bytes:
+        raise Refusal(422, "response_too_large",
+                      f"about {size:,} bytes of {fmt}; the cap is {max_bytes:,}: "
+                      "ask for fewer layers, `channels` or `top_channels`")
+    bodies = await anyio.to_thread.run_sync(
+        lambda: [layer_payload(layers_table[n], activations[n], chosen[n], fmt) for n in names]
+    )
+    return bodies, sum(len(b.png or "") + len(b.array.data if b.array else "") for b in bodies)
 
 
 def choose_channels(name: str, activation: torch.Tensor, channels: list[int] | None,

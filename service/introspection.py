@@ -12,12 +12,14 @@ from pathlib import Path
 
 import anyio
 import bentoml
+import torch
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from model.errors import ModelRequestError
 from model.visualize import encode_png, kernel_grid
 
 UI_DIR = Path(__file__).parent / "ui"
@@ -27,13 +29,14 @@ def _error(status: int, reason: str, detail: str) -> JSONResponse:
     return JSONResponse({"error": reason, "detail": detail}, status_code=status)
 
 
-def describe_model(service) -> dict:
-    """The served model: preset, classes, preprocessing, training metrics,
-    checkpoint sha256, device, dtype, batching settings, limits and the layer table."""
+async def describe_model(service) -> dict:
+    """The served model: preset, classes, preprocessing, training metrics, checkpoint sha256,
+    device and precision, the process layout, batching settings, limits and the layer table."""
     manifest = service.manifest.to_dict()
     training = dict(manifest.get("training", {}))
     training.pop("history", None)  # long; the report command plots it
     config = service.config
+    served = await service.backend.describe()
     return {
         "tag": service.model_tag,
         "preset": service.manifest.preset,
@@ -42,11 +45,12 @@ def describe_model(service) -> dict:
         "model_config": manifest["model_config"],
         "training": training,
         "weights_sha256": service.manifest.weights_sha256,
-        "device": str(service.predictor.device),
-        "dtype": service.predictor.dtype_name,
-        "precision": service.predictor.precision.to_dict(),
+        "device": served["device"],
+        "dtype": served["dtype"],
+        "precision": served["precision"],
+        "layout": service.layout.describe(),
         "batching": {"max_batch_size": config.max_batch_size, "max_latency_ms": config.max_latency_ms,
-                     "dispatch": service.dispatch_path,
+                     "batcher": "bentoml (model service)" if service.layout.split else "in-process",
                      "admission": {"inflight_images": service.admission.inflight,
                                    "model_images_per_s": round(service.admission.rate, 1),
                                    "target_seconds": service.admission.budget_seconds}},
@@ -61,7 +65,7 @@ def describe_model(service) -> dict:
 
 
 async def model_info(request: Request) -> Response:
-    return JSONResponse(describe_model(bentoml.get_current_service()))
+    return JSONResponse(await describe_model(bentoml.get_current_service()))
 
 
 async def kernels(request: Request) -> Response:
@@ -69,10 +73,10 @@ async def kernels(request: Request) -> Response:
     conv1 kernels are shown in colour; deeper layers as their mean over input channels."""
     service = bentoml.get_current_service()
     layer = request.query_params.get("layer", "conv1")
-    convs = [name for name, row in service.layers.items() if row.type == "conv"]
-    if layer not in convs:
-        return _error(422, "unknown_layer", f"no conv layer {layer!r}; valid: {convs}")
-    weight = service.predictor.reference.get_submodule(layer).weight  # as learned (the serving copy is folded)
+    try:
+        weight = torch.from_numpy(await service.backend.kernels(layer))
+    except ModelRequestError as err:
+        return _error(422, err.reason, str(err))
     png = await anyio.to_thread.run_sync(lambda: encode_png(kernel_grid(weight)))
     return Response(png, media_type="image/png", headers={"Cache-Control": "no-cache"})
 

@@ -1,15 +1,20 @@
-"""HTTP guards in front of every endpoint: the internal route closed to
-clients, API key, admission (503 before the body is read), body-size limit,
-unparseable multipart and text in file fields refused, Retry-After on every
-503, uniform error bodies, the amended OpenAPI spec.
+"""HTTP guards in front of every endpoint: API key, admission (503 before
+the body is read), body-size limit, unparseable multipart and text in file
+fields refused, Retry-After on every 503, uniform error bodies, the amended
+OpenAPI spec.
 
 Pure ASGI, so they run before BentoML parses (and spools to disk) a body.
+The multipart check does not parse the form: it reads only the part headers
+(python-multipart's parser with header callbacks, no data kept), so the
+body is parsed into a form once, by BentoML.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+
+from python_multipart.multipart import MultipartParser, parse_options_header
 
 from service.rewrites import amend_docs, uniform_errors
 
@@ -22,10 +27,6 @@ PROTECTED_PREFIXES = ("/classify", "/embed", "/feature_maps", "/gradcam", "/mode
 FILE_FIELDS = ("images", "image")
 # Inference paths refused before their body is even read when the model is full.
 SHEDDABLE_PREFIXES = ("/classify", "/embed", "/feature_maps", "/gradcam")
-# BentoML serves every API over HTTP, the internal batched forward included;
-# only the service itself (holding the per-process token) may call it.
-INTERNAL_PREFIX = "/internal/"
-INTERNAL_TOKEN_HEADER = b"x-internal-token"
 
 
 async def _send_json(send, status: int, body: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:
@@ -40,19 +41,16 @@ async def _send_json(send, status: int, body: dict, headers: list[tuple[bytes, b
 
 
 class GuardMiddleware:
-    def __init__(self, app, max_body_bytes: int, api_key: str | None, retry_after_s: int, internal_token: str):
+    def __init__(self, app, max_body_bytes: int, api_key: str | None, retry_after_s: int):
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.api_key = api_key.encode() if api_key else None
         self.retry_after = str(retry_after_s).encode()
-        self.internal_token = internal_token.encode()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
-        if path.startswith(INTERNAL_PREFIX) and not self._internal(scope):
-            return await _send_json(send, 404, {"error": "not_found", "detail": f"no route {path}"})
         if self.api_key and path.startswith(PROTECTED_PREFIXES) and not self._authorized(scope):
             return await _send_json(
                 send, 401, {"error": "unauthorized", "detail": "missing or wrong 'Authorization: Bearer <key>'"},
@@ -70,16 +68,13 @@ class GuardMiddleware:
             body, too_large = await self._read_body(receive)
             if too_large:
                 return await self._too_large(send, None)
-            refusal = await _multipart_refusal(scope, body)
+            refusal = _multipart_refusal(scope, body)
             if refusal is not None:
                 return await _send_json(send, 400, refusal)
             receive = _replay(body)
         if path == "/docs.json":
-            send = amend_docs(send, SHEDDABLE_PREFIXES, INTERNAL_PREFIX)
+            send = amend_docs(send, SHEDDABLE_PREFIXES)
         await self.app(scope, receive, self._with_retry_after(uniform_errors(send)))
-
-    def _internal(self, scope) -> bool:
-        return hmac.compare_digest(_header(scope, INTERNAL_TOKEN_HEADER) or b"", self.internal_token)
 
     def _authorized(self, scope) -> bool:
         value = _header(scope, b"authorization")
@@ -147,25 +142,41 @@ def _header(scope, name: bytes) -> bytes | None:
     return next((value for key, value in scope.get("headers", []) if key == name), None)
 
 
-async def _multipart_refusal(scope, body: bytes) -> dict | None:
-    """Parse a multipart body the way BentoML will, once, and say what is wrong with it:
-    a body it would choke on (a 500 there), or a text value in a file field."""
+def _multipart_refusal(scope, body: bytes) -> dict | None:
+    """What is wrong with a multipart body, read from its part headers alone: a body BentoML would
+    choke on (a 500 there), or a text value in a file field (which BentoML would fetch as a URL)."""
     content_type = _header(scope, b"content-type") or b""
     if not content_type.lower().startswith(b"multipart/"):
         return None
     malformed = {"error": "malformed_multipart", "detail": "the multipart/form-data body could not be parsed"}
-    if _multipart_boundary(content_type) is None:
+    boundary = _multipart_boundary(content_type)
+    if boundary is None:
         return malformed  # multipart without a boundary cannot be parsed at all
-    from starlette.requests import Request
+    names_without_filename: list[bytes] = []
+    header: dict[bytes, bytearray] = {}
+    current = bytearray()
 
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        current[:] = data[start:end].lower()
+        header.setdefault(bytes(current), bytearray())
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        header[bytes(current)] += data[start:end]
+
+    def on_headers_finished() -> None:
+        _, params = parse_options_header(bytes(header.get(b"content-disposition", b"")))
+        if b"filename" not in params:  # a plain text part (a file part always names its file)
+            names_without_filename.append(params.get(b"name", b""))
+        header.clear()
+
+    parser = MultipartParser(boundary, {"on_header_field": on_header_field, "on_header_value": on_header_value,
+                                        "on_headers_finished": on_headers_finished})
     try:
-        form = await Request(scope, _replay(body)).form()
+        parser.write(body)
+        parser.finalize()
     except Exception:
         return malformed
-    # A part without a filename is a str in the form; BentoML would fetch it as a URL.
-    text_in_file_field = any(isinstance(value, str) for key, value in form.multi_items() if key in FILE_FIELDS)
-    await form.close()
-    if text_in_file_field:
+    if any(name.decode("latin-1") in FILE_FIELDS for name in names_without_filename):
         return {"error": "file_field_not_a_file",
                 "detail": "multipart fields `images`/`image` must be uploaded files; URLs are not fetched"}
     return None

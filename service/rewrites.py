@@ -134,10 +134,10 @@ INTROSPECTION_PATHS = {
 }
 
 
-def amend_docs(send, inference_paths: tuple[str, ...], internal_prefix: str):
+def amend_docs(send, inference_paths: tuple[str, ...]):
     """The OpenAPI spec, amended: a link to /ui (BentoML's page at / shows this
-    description), the refusals the inference endpoints really return, the GET
-    endpoints BentoML does not know of, and without the internal route."""
+    description), the refusals the inference endpoints really return, and the GET
+    endpoints BentoML does not know of."""
 
     def transform(status, headers, body):
         if status != 200:
@@ -148,8 +148,6 @@ def amend_docs(send, inference_paths: tuple[str, ...], internal_prefix: str):
             return body
         spec.setdefault("info", {})["description"] = UI_LINK + spec["info"].get("description", "")
         paths = spec.setdefault("paths", {})
-        for path in [p for p in paths if p.startswith(internal_prefix)]:
-            del paths[path]
         for path in inference_paths:
             operation = paths.get(path, {}).get("post")
             if operation is None:

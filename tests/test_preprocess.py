@@ -7,10 +7,12 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from model.config import get_preset
-from model.preprocess import DecodeLimits, ImageRejected, Normalizer, decode_image, load_image, resize_and_crop
+from model.preprocess import (
+    DecodeLimits, ImageRejected, Normalizer, decode_image, decode_pixels, load_image, load_pixels, resize_and_crop,
+)
 
 
 def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -67,6 +69,29 @@ def test_exif_orientation_is_applied(fmt):
     exif[0x0112] = 6  # "rotate 90 CW to display"
     pixels = decode_image(encode(image, fmt, exif=exif.tobytes()))
     assert pixels.shape == (3, 40, 30)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_matches_pillow(orientation):
+    """JPEGs decode through libjpeg-turbo directly (simplejpeg); their EXIF orientation is applied
+    as Pillow's exif_transpose does, pixel for pixel."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(gradient(40, 24), "JPEG", quality=100, exif=exif.tobytes())
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data)).convert("RGB")))
+    np.testing.assert_array_equal(decode_pixels(data), expected)
+
+
+def test_large_jpegs_decode_at_a_reduced_scale_for_small_models():
+    """libjpeg-turbo's DCT scaling: a JPEG decodes at the smallest of 1/8, 2/8, ... 8/8 that keeps the
+    shorter side at least resize_size: a 1280x960 JPEG at 1/8 (160x120) for the 64-pixel model."""
+    data = encode(gradient(1280, 960), "JPEG", quality=90)
+    assert decode_pixels(data, min_side=64).shape == (120, 160, 3)
+    assert decode_pixels(data, min_side=256).shape == (360, 480, 3)  # 3/8: 2/8 would leave 240 < 256
+    assert decode_pixels(data).shape == (960, 1280, 3)
+    prep = get_preset("small").preprocessing
+    full = resize_and_crop(decode_image(data), prep).permute(1, 2, 0).numpy().astype(int)
+    assert np.abs(load_pixels(data, prep).astype(int) - full).mean() < 2  # the same picture
 
 
 def test_rgba_alpha_is_dropped_not_blended():

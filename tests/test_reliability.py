@@ -101,6 +101,8 @@ def own_server(cli_env, registered_model, tmp_path):
 
 
 def test_sigkill_worker_under_load_recovers(own_server):
+    """A worker killed mid-load is replaced; meanwhile clients see only answers or dropped
+    connections (never a wrong answer), and the service answers again."""
     server = own_server()
     files = [("images", ("x.png", shape_png(1), "image/png"))]
     outcomes: list[tuple[float, str]] = []
@@ -119,32 +121,36 @@ def test_sigkill_worker_under_load_recovers(own_server):
     for thread in threads:
         thread.start()
     time.sleep(2)
-    (old_worker,) = [p for p in server.worker_pids() if _is_worker(p)]
+    workers = [p for p in server.worker_pids() if _is_worker(p)]
+    old_worker = min(workers)
     killed_at = time.time()
     os.kill(old_worker, signal.SIGKILL)
-    recovered_at = None
-    while time.time() - killed_at < 120:
-        ok_after = [t for t, status in outcomes if t > killed_at + 0.5 and status == "200"]
-        if ok_after:
-            recovered_at = min(ok_after)
+    replaced_at = None
+    while time.time() - killed_at < 120:  # a new worker takes the killed one's place
+        alive = [p for p in server.worker_pids() if _is_worker(p)]
+        if old_worker not in alive and len(alive) == len(workers) and server.ready():
+            replaced_at = time.time()
             break
         time.sleep(0.2)
+    time.sleep(1)
     stop.set()
     for thread in threads:
         thread.join()
-    assert recovered_at is not None, "the service never answered again"
-    recovery = recovered_at - killed_at
-    failures = sorted({s for t, s in outcomes if killed_at <= t <= recovered_at and s != "200"})
-    print(f"\nworker SIGKILLed under load: serving again after {recovery:.1f} s; clients saw {failures}")
-    assert recovery < 90
-    assert httpx.get(f"{server.url}/readyz", timeout=10).status_code == 200
-    assert old_worker not in server.worker_pids()
+    assert replaced_at is not None, "the killed worker was never replaced"
+    served_after = [t for t, status in outcomes if t > replaced_at and status == "200"]
+    failures = sorted({s for t, s in outcomes if t >= killed_at and s != "200"})
+    print(f"\nworker SIGKILLed under load: replaced after {replaced_at - killed_at:.1f} s; clients saw {failures}")
+    assert served_after, "no request succeeded after the worker was replaced"
     assert all(s in {"200", "503", "ConnectError", "RemoteProtocolError", "ReadError", "ReadTimeout"}
                for _, s in outcomes), {s for _, s in outcomes}
 
 
 def _is_worker(pid: int) -> bool:
-    return "serve" in " ".join(psutil.Process(pid).cmdline()) or "_bentoml_impl" in " ".join(psutil.Process(pid).cmdline())
+    try:
+        process = psutil.Process(pid)
+        return process.status() != psutil.STATUS_ZOMBIE and "_bentoml_impl.worker" in " ".join(process.cmdline())
+    except psutil.NoSuchProcess:
+        return False
 
 
 def test_sigterm_drains_in_flight_requests(own_server, tmp_path):

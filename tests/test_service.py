@@ -244,15 +244,6 @@ def test_openapi_documents_the_endpoints(server):
         assert {"200", "400", "413", "422", "503"} <= set(spec["paths"][path]["post"]["responses"])
     assert "images_base64" in json.dumps(spec["paths"]["/classify"])
     assert "get" in spec["paths"]["/model"] and "get" in spec["paths"]["/kernels"]
-    assert not [path for path in spec["paths"] if path.startswith("/internal")]
-
-
-def test_internal_forward_route_is_closed_to_clients(server):
-    response = httpx.post(f"{server.url}/internal/forward_batch", json={"tickets": ["x"]}, timeout=30)
-    assert response.status_code == 404 and response.json()["error"] == "not_found"
-    forged = httpx.post(f"{server.url}/internal/forward_batch", json={"tickets": ["x"]},
-                        headers={"x-internal-token": "guess"}, timeout=30)
-    assert forged.status_code == 404
 
 
 # ----- refusals: 4xx JSON with a reason, and the worker lives on ----------------------------
@@ -313,8 +304,6 @@ def test_concurrent_requests_are_batched(server):
     images = metric_sum(after, "cnn_batch_size_sum") - metric_sum(before, "cnn_batch_size_sum")
     singles = metric_sum(after, "cnn_batch_size_bucket", le="1.0") - metric_sum(before, "cnn_batch_size_bucket", le="1.0")
     assert images == 96
-    # Requests reach BentoML's dispatcher directly, not through a second HTTP pass.
-    assert httpx.get(f"{server.url}/model", timeout=30).json()["batching"]["dispatch"] == "dispatcher"
     assert batches < 96 and singles < batches, "some forward passes must have carried more than one image"
 
 
@@ -365,21 +354,6 @@ def test_api_key_guards_inference_but_not_health(secured_server):
     assert httpx.get(f"{url}/model", timeout=30).status_code == 401
     for open_path in ("/readyz", "/livez", "/metrics"):
         assert httpx.get(f"{url}{open_path}", timeout=30).status_code == 200
-
-
-def test_batching_over_in_process_http_also_works(cli_env, registered_model, tmp_path):
-    """The fallback path for a BentoML laid out differently: tickets over HTTP to the guarded internal route."""
-    from tests.conftest import start_server
-
-    server = start_server(cli_env, tmp_path, BATCH_DISPATCH="http")
-    try:
-        payload = {"images_base64": [b64(shape_png(i)) for i in range(3)], "top_k": 1}
-        response = httpx.post(f"{server.url}/classify", json=payload, timeout=30)
-        assert response.status_code == 200, response.text
-        assert len(response.json()["predictions"]) == 3
-        assert httpx.get(f"{server.url}/model", timeout=30).json()["batching"]["dispatch"] == "http"
-    finally:
-        server.stop()
 
 
 def test_auth_off_by_default(server):

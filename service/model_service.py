@@ -1,0 +1,105 @@
+"""The model service of the split layout: one batched model worker per GPU.
+
+The API workers (service.service) call it through `bentoml.depends` with
+uint8 pixel arrays they decoded; `predict` is a batchable API, so BentoML's
+adaptive batching merges the calls of every API worker into one forward
+pass (up to MAX_BATCH_SIZE images, within MAX_LATENCY_MS, shedding what would
+miss it with a 503).
+
+Security: BentoML carries these calls as pickles (its
+`application/vnd.bentoml+pickle` media type) over a Unix socket in a private
+temporary directory (mode 0700) that only the serving user can open; the
+service is never bound to a TCP port and never exposed publicly. Only our
+API workers speak to it, and what they send is arrays and strings they built
+themselves: request bytes from clients are decoded into pixels (or refused)
+in the API worker and never reach an unpickler. (BentoML itself refuses
+pickled bodies on the public API server.)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import bentoml
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from service.backend import build_predictor, describe_predictor, locate_model
+from service.config import CONFIG, Layout
+from service.metrics import ServiceMetrics
+
+LAYOUT = Layout.choose(CONFIG)
+
+
+class CamPayload(BaseModel):
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    class_index: int
+    probability: float
+    layer_map: np.ndarray
+
+
+def _device_for_worker() -> torch.device:
+    """Worker i of n takes GPU (i - 1) mod gpus: one model worker per GPU (BentoML numbers workers from 1)."""
+    if LAYOUT.gpus == 0 or CONFIG.device == "cpu":
+        return torch.device("cpu")
+    if CONFIG.device.startswith("cuda:"):
+        return torch.device(CONFIG.device)
+    return torch.device("cuda", (bentoml.server_context.worker_index - 1) % LAYOUT.gpus)
+
+
+@bentoml.service(
+    name="cnn_model",
+    workers=LAYOUT.model_workers or 1,
+    threads=CONFIG.forward_threads + 2,  # batched forwards, plus feature maps / Grad-CAM beside them
+    resources={"gpu": LAYOUT.gpus} if LAYOUT.gpus else {"cpu": "1"},
+    traffic={"timeout": CONFIG.request_timeout_s},
+    logging={"access": {"enabled": False}},  # one access-log line per client request: the API worker's
+    # BentoML's client to this service recycles its connection pool every 100 requests (and 5
+    # minutes) by closing the pool, which fails the calls still in flight on it ("Server
+    # disconnected"; bentoml/BentoML#4971, #5540): 2% of requests at 32 clients here. The pool
+    # lives as long as the worker instead.
+    runner_connection={"max_requests": 2**62, "max_age": 10.0**12},
+)
+class ModelService:
+    def __init__(self) -> None:
+        path, self.model_tag = locate_model(CONFIG)
+        device = _device_for_worker()
+        self.predictor = build_predictor(CONFIG, path, device, cpu_threads=1)
+        self.metrics = ServiceMetrics(device.type)
+        manifest = self.predictor.manifest
+        self.metrics.model_info.labels(self.model_tag, manifest.preset, manifest.weights_sha256, device.type,
+                                       self.predictor.dtype_name).set(1)
+        self.classes = manifest.model_config.num_classes
+
+    @bentoml.api(batchable=True, max_batch_size=CONFIG.max_batch_size, max_latency_ms=CONFIG.max_latency_ms)
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, S, S, 3) -> float32 (N, classes + D + 1): probabilities | embedding | forward seconds / N."""
+        output = self.predictor.predict(torch.from_numpy(images).permute(0, 3, 1, 2))
+        self.metrics.observe_batch(len(images), output.forward_seconds)
+        self._update_gpu_gauges()
+        per_image = torch.full((len(images), 1), output.forward_seconds / len(images))
+        return torch.cat([output.probabilities, output.embeddings, per_image], dim=1).numpy()
+
+    @bentoml.api
+    def activations(self, image: np.ndarray, layers: list[str], stage: str = "post_relu") -> list[np.ndarray]:
+        found = self.predictor.activations(torch.from_numpy(image).permute(2, 0, 1), layers, stage)
+        return [found[name].numpy() for name in layers]
+
+    @bentoml.api
+    def grad_cam(self, image: np.ndarray, layer: str, class_index: int | None = None) -> CamPayload:
+        cam = self.predictor.grad_cam(torch.from_numpy(image).permute(2, 0, 1), layer, class_index)
+        return CamPayload(class_index=cam.class_index, probability=cam.probability, layer_map=cam.layer_map.numpy())
+
+    @bentoml.api
+    def kernels(self, layer: str) -> np.ndarray:
+        return self.predictor.kernels(layer).numpy()
+
+    @bentoml.api
+    def describe(self) -> dict:
+        return describe_predictor(self.predictor)
+
+    def _update_gpu_gauges(self) -> None:
+        memory = self.predictor.gpu_memory()
+        if memory is not None:
+            self.metrics.gpu_allocated.set(memory[0])
+            self.metrics.gpu_reserved.set(memory[1])
+            self.metrics.gpu_total.set(memory[2])
