@@ -30,12 +30,14 @@ system-deps:
 	      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	    else echo "missing Debian packages:$$missing (the tests that need them are skipped)"; fi; fi
 
-# Train the small default model on the generated shapes dataset, unless the
-# BentoML model store already has one.
+# Train the small default model on the generated shapes dataset, build its channel atlas from the
+# same data, and register both -- unless the BentoML model store already has a model.
 default-model: $(INSTALLED)
 	@$(PY) -c "from model.store import has_model; raise SystemExit(0 if has_model() else 1)" \
 	  && echo "model store has cnn-classifier:latest" \
-	  || $(PY) -m training --data shapes --preset small --out $(MODEL_OUT) --register
+	  || { $(PY) -m training --data shapes --preset small --out $(MODEL_OUT) \
+	       && $(PY) -m training atlas $(MODEL_OUT) --data shapes \
+	       && $(PY) -m training register $(MODEL_OUT); }
 
 serve: default-model
 	$(VENV)/bin/bentoml serve . --host $(HOST) --port $(PORT)

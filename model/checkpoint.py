@@ -8,6 +8,11 @@ truncated or tampered file is caught before it is used.
 Write order: weights first, then the manifest, each atomically. A crash
 between the two leaves a manifest whose hash does not match, which loading
 reports; it never leaves a silently mixed checkpoint.
+
+Other files that belong to these weights (the channel atlas: training.atlas)
+are listed in the manifest's `files` with their sha256, written before the
+manifest that names them, and verified on load like the weights. Retraining
+writes a manifest without them: they described the old weights.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from pathlib import PurePosixPath
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +53,7 @@ class Manifest:
     weights_sha256: str = ""
     format_version: int = FORMAT_VERSION
     created_at: float = 0.0
+    files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256, besides the weights
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -58,6 +65,7 @@ class Manifest:
             "training": self.training,
             "weights_file": WEIGHTS_FILE,
             "weights_sha256": self.weights_sha256,
+            "files": dict(self.files),
             "created_at": self.created_at,
         }
 
@@ -72,7 +80,16 @@ class Manifest:
             weights_sha256=str(data["weights_sha256"]),
             format_version=int(data["format_version"]),
             created_at=float(data.get("created_at", 0.0)),
+            files={_safe_relative(str(k)): str(v) for k, v in (data.get("files") or {}).items()},
         )
+
+
+def _safe_relative(name: str) -> str:
+    """A path inside the checkpoint directory, or ValueError (no absolute paths, no '..')."""
+    path = PurePosixPath(name)
+    if path.is_absolute() or ".." in path.parts or not path.parts or "\\" in name:
+        raise ValueError(f"file {name!r} is not a plain path inside the checkpoint")
+    return str(path)
 
 
 @dataclass
@@ -112,6 +129,35 @@ def save_checkpoint(
 def write_manifest(directory: str | Path, manifest: Manifest) -> None:
     """Replace a checkpoint's manifest (atomically), e.g. to add what was measured after training."""
     atomic_write_bytes(Path(directory) / MANIFEST_FILE, (json.dumps(manifest.to_dict(), indent=2) + "\n").encode())
+
+
+def attach_files(directory: str | Path, files: dict[str, bytes]) -> Manifest:
+    """Write files that belong to the checkpoint's weights, then list them (with their sha256) in
+    its manifest; files of the same names are replaced."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    for name, data in files.items():
+        name = _safe_relative(name)
+        atomic_write_bytes(directory / name, data)
+        manifest.files[name] = hashlib.sha256(data).hexdigest()
+    write_manifest(directory, manifest)
+    return manifest
+
+
+def read_attached(directory: str | Path, manifest: Manifest, name: str) -> bytes:
+    """An attached file's bytes, verified against the manifest's sha256."""
+    if name not in manifest.files:
+        raise CheckpointError(f"{Path(directory) / MANIFEST_FILE}: lists no file {name!r}")
+    path = Path(directory) / name
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise CheckpointError(f"{path}: {err.strerror or err}") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != manifest.files[name]:
+        raise CheckpointError(f"{path}: sha256 {digest[:16]}... does not match the manifest's "
+                              f"{manifest.files[name][:16]}... (truncated, tampered or from other weights)")
+    return data
 
 
 def read_manifest(directory: str | Path) -> Manifest:
@@ -162,5 +208,7 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as err:
         raise CheckpointError(f"{weights_path}: weights do not fit the manifest's model config: {err}") from None
+    for name in manifest.files:
+        read_attached(directory, manifest, name)  # every attached file present and intact
     model.to(device).eval()
     return Checkpoint(model=model, manifest=manifest, path=directory)

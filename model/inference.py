@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from model import precision as precisions
+from model.attribution import Attribution, AttributionRequest, attribute
 from model.checkpoint import Checkpoint
 from model.gradcam import ClassActivationMap, grad_cam
 from model.network import STAGES
@@ -106,6 +107,12 @@ class Predictor:
         """Grad-CAM of one uint8 (3, S, S) image at a conv layer (fp32 reference, with gradients)."""
         with self._lock:
             return grad_cam(self.reference, self.normalized(image), layer, class_index)
+
+    def explain(self, image: torch.Tensor, request: AttributionRequest) -> Attribution:
+        """An attribution map of one uint8 (3, S, S) image (model.attribution; fp32 reference)."""
+        request = request.resolved(self.reference)
+        with self._lock:
+            return attribute(self.reference, self.normalized(image), request)
 
     def kernels(self, layer: str) -> torch.Tensor:
         """A conv layer's weights as learned (out, in, k, k), float32 on CPU (the serving copy is folded)."""

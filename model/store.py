@@ -41,7 +41,8 @@ def register(checkpoint_dir: str | Path, name: str = MODEL_NAME) -> str:
             "input_size": manifest.preprocessing.input_size,
         },
     ) as bento_model:
-        for name_ in (WEIGHTS_FILE, MANIFEST_FILE):
+        for name_ in (WEIGHTS_FILE, MANIFEST_FILE, *manifest.files):  # the atlas too, when there is one
+            (Path(bento_model.path) / name_).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(Path(checkpoint_dir) / name_, Path(bento_model.path) / name_)
     return str(bento_model.tag)
 

@@ -1,8 +1,10 @@
 """The layer table: shapes, receptive fields and costs, computed from the module.
 
 Receptive field arithmetic (per spatial axis), walking the layers in order:
-    jump_out = jump_in * stride                 (input pixels between neighbouring outputs)
-    rf_out   = rf_in + (kernel - 1) * jump_in   (input pixels one output value sees)
+    jump_out   = jump_in * stride                 (input pixels between neighbouring outputs)
+    rf_out     = rf_in + (kernel - 1) * jump_in   (input pixels one output value sees)
+    offset_out = offset_in - padding * jump_in    (where output 0's field starts; < 0: in the padding)
+so output i of a layer sees input pixels offset + i * jump ... offset + i * jump + rf - 1.
 A fully connected layer sees the whole image.
 """
 
@@ -30,9 +32,15 @@ class LayerInfo:
     jump: int
     params: int
     mult_adds: int
+    rf_offset: int = 0  # input coordinate of the first output's receptive field (top and left edge)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def field_of(self, row: int, col: int) -> tuple[int, int, int, int]:
+        """(top, left, bottom, right) input pixels unit (row, col) sees; may reach into the padding."""
+        top, left = self.rf_offset + row * self.jump, self.rf_offset + col * self.jump
+        return top, left, top + self.receptive_field, left + self.receptive_field
 
 
 def _window(module: nn.Module) -> tuple[int, int, int]:
@@ -57,7 +65,7 @@ def layer_table(model: AlexNet) -> list[LayerInfo]:
     rows = [
         LayerInfo("input", "input", None, None, None, input_shape, _numel(input_shape), 1, 1, 0, 0)
     ]
-    rf, jump = 1, 1
+    rf, jump, offset = 1, 1, 0
     owner: dict[str, str] = {}  # module name -> addressable layer it belongs to (bn3 -> conv3)
     current = None
     for module_name in model._modules:
@@ -77,6 +85,7 @@ def layer_table(model: AlexNet) -> list[LayerInfo]:
         if isinstance(module, (nn.Conv2d, nn.MaxPool2d)):
             kernel, stride, padding = _window(module)
             rf = rf + (kernel - 1) * jump
+            offset = offset - padding * jump
             jump = jump * stride
             if isinstance(module, nn.Conv2d):
                 mult_adds = _numel(out_shape) * module.in_channels * kernel * kernel // module.groups
@@ -86,13 +95,14 @@ def layer_table(model: AlexNet) -> list[LayerInfo]:
                 kind = "maxpool"
         elif isinstance(module, nn.Linear):
             kernel = stride = padding = None
-            rf, jump = config.input_size, config.input_size
+            rf, jump, offset = config.input_size, config.input_size, 0
             mult_adds = module.in_features * module.out_features
             kind = "fc"
         else:  # pragma: no cover - the network only names conv, pool and fc layers
             raise TypeError(f"unexpected layer type {type(module).__name__} for {name}")
         rows.append(
-            LayerInfo(name, kind, kernel, stride, padding, out_shape, _numel(out_shape), rf, jump, params, mult_adds)
+            LayerInfo(name, kind, kernel, stride, padding, out_shape, _numel(out_shape), rf, jump, params, mult_adds,
+                      offset)
         )
     return rows
 

@@ -73,7 +73,9 @@ def _to_uint8_hwc(image: torch.Tensor) -> torch.Tensor:
     return (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous()
 
 
-def encode_png(image_hwc: torch.Tensor) -> bytes:
+def encode_png(image_hwc) -> bytes:
+    """uint8 (H, W, 3 or 4) pixels, a tensor or an array, as PNG bytes."""
+    pixels = image_hwc.numpy() if isinstance(image_hwc, torch.Tensor) else image_hwc
     buffer = io.BytesIO()
-    Image.fromarray(image_hwc.numpy()).save(buffer, format="PNG", optimize=False)
+    Image.fromarray(pixels).save(buffer, format="PNG", optimize=False)
     return buffer.getvalue()

@@ -14,6 +14,7 @@ model's structure, before any work: model/ raises the typed errors
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import anyio
 import numpy as np
 import torch
 
+from model.attribution import AttributionRequest
 from model.checkpoint import CheckpointError, Manifest, load_checkpoint, read_manifest
 from model.inference import NullPredictor, Predictor, configure_cpu_threads
 from model.network import AlexNet
@@ -84,6 +86,15 @@ class ModelShape:
 
 
 @dataclass
+class ExplainResult:
+    class_index: int
+    probability: float
+    input_map: np.ndarray  # (S, S) float32
+    signed: bool
+    layer_map: np.ndarray | None
+
+
+@dataclass
 class CamResult:
     class_index: int
     probability: float
@@ -120,6 +131,11 @@ class LocalBackend:
     async def grad_cam(self, image: np.ndarray, layer: str, class_index: int | None) -> CamResult:
         cam = await anyio.to_thread.run_sync(self.predictor.grad_cam, _chw(image), layer, class_index)
         return CamResult(cam.class_index, cam.probability, cam.layer_map.numpy())
+
+    async def explain(self, image: np.ndarray, request: AttributionRequest) -> ExplainResult:
+        found = await anyio.to_thread.run_sync(self.predictor.explain, _chw(image), request)
+        return ExplainResult(found.class_index, found.probability, found.input_map.numpy(), found.signed,
+                             None if found.layer_map is None else found.layer_map.numpy())
 
     async def kernels(self, layer: str) -> np.ndarray:
         return self.predictor.kernels(layer).numpy()
@@ -165,6 +181,12 @@ class RemoteBackend:
         self.shape_of.check_class(class_index)
         cam = await self.remote.grad_cam(image, layer, class_index)
         return CamResult(cam.class_index, cam.probability, cam.layer_map)
+
+    async def explain(self, image: np.ndarray, request: AttributionRequest) -> ExplainResult:
+        request = request.resolved(self.shape_of)  # checked here: typed errors cannot cross processes
+        found = await self.remote.explain(image, **dataclasses.asdict(request))
+        layer_map = found.layer_map if found.layer_map.size else None
+        return ExplainResult(found.class_index, found.probability, found.input_map, found.signed, layer_map)
 
     async def kernels(self, layer: str) -> np.ndarray:
         self.shape_of.check_conv_layer(layer)

@@ -1,6 +1,6 @@
 """GET endpoints for looking inside the model: the manifest with its layer
-table, the learned kernels as a picture, and the feature-map inspector page
-(static files under service/ui, served at /ui).
+table, the learned kernels as a picture, the channel atlas, and the
+feature-map inspector page (static files under service/ui, served at /ui).
 
 A small Starlette app mounted on the service (BentoML APIs are POST-only);
 its handlers reach the running service through bentoml.get_current_service().
@@ -19,7 +19,9 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from model.checkpoint import CheckpointError
 from model.errors import ModelRequestError
+from service.errors import Refusal
 from model.visualize import encode_png, kernel_grid
 
 UI_DIR = Path(__file__).parent / "ui"
@@ -81,6 +83,25 @@ async def kernels(request: Request) -> Response:
     return Response(png, media_type="image/png", headers={"Cache-Control": "no-cache"})
 
 
+async def atlas(request: Request) -> Response:
+    """The channel atlas: ?layer=conv5 (every channel, summarized) or ?layer=conv5&channel=12 (its patches)."""
+    service = bentoml.get_current_service()
+    layer = request.query_params.get("layer", "conv1")
+    channel = request.query_params.get("channel")
+    try:
+        if channel is None:
+            body = service.atlas.summary(layer)
+        elif not channel.lstrip("-").isdigit():
+            return _error(400, "invalid_channel", f"channel must be an integer, not {channel[:40]!r}")
+        else:
+            body = await anyio.to_thread.run_sync(service.atlas.channel, layer, int(channel))
+    except Refusal as refusal:
+        return refusal.response()
+    except CheckpointError as err:  # tampered or missing since the service started
+        return _error(500, "atlas_unreadable", str(err))
+    return JSONResponse(body)
+
+
 async def ui_root(request: Request) -> Response:
     return RedirectResponse("/ui/")
 
@@ -88,6 +109,7 @@ async def ui_root(request: Request) -> Response:
 introspection_app = Starlette(routes=[
     Route("/model", model_info, methods=["GET"]),
     Route("/kernels", kernels, methods=["GET"]),
+    Route("/atlas", atlas, methods=["GET"]),
     Route("/ui", ui_root, methods=["GET"]),
     Mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui"),
 ])

@@ -55,7 +55,7 @@ class ServiceMetrics:
         self.gpu_total = prom.Gauge("cnn_gpu_memory_total_bytes", "GPU memory on the device (0 on a CPU).",
                                     multiprocess_mode="livemax")
 
-        for endpoint in ("classify", "embed", "feature_maps", "gradcam"):
+        for endpoint in ("classify", "embed", "feature_maps", "gradcam", "explain"):
             self.images.labels(endpoint)  # series exist at 0 from the start: "no traffic" is visible
 
     def observe_batch(self, size: int, forward_seconds: float) -> None:

@@ -20,13 +20,13 @@ from service.rewrites import amend_docs, uniform_errors
 
 # Inference and introspection need the key when one is set; health, metrics,
 # the OpenAPI spec and the UI's static files stay open.
-PROTECTED_PREFIXES = ("/classify", "/embed", "/feature_maps", "/gradcam", "/model", "/kernels")
+PROTECTED_PREFIXES = ("/classify", "/embed", "/feature_maps", "/gradcam", "/explain", "/model", "/kernels", "/atlas")
 # Multipart fields that must carry uploaded files. BentoML would treat a plain
 # text value in such a field as a URL and download it (server-side request
 # forgery); we refuse that before BentoML sees the form.
 FILE_FIELDS = ("images", "image")
 # Inference paths refused before their body is even read when the model is full.
-SHEDDABLE_PREFIXES = ("/classify", "/embed", "/feature_maps", "/gradcam")
+SHEDDABLE_PREFIXES = ("/classify", "/embed", "/feature_maps", "/gradcam", "/explain")
 
 
 async def _send_json(send, status: int, body: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:

@@ -23,11 +23,21 @@ import bentoml
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from model.attribution import AttributionRequest
 from service.backend import build_predictor, describe_predictor, locate_model
 from service.config import CONFIG, Layout
 from service.metrics import ServiceMetrics
 
 LAYOUT = Layout.choose(CONFIG)
+
+
+class ExplainPayload(BaseModel):
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    class_index: int
+    probability: float
+    input_map: np.ndarray
+    signed: bool
+    layer_map: np.ndarray  # empty (0, 0) for the methods without one: BentoML's schemas take no `ndarray | None`
 
 
 class CamPayload(BaseModel):
@@ -88,6 +98,16 @@ class ModelService:
     def grad_cam(self, image: np.ndarray, layer: str, class_index: int | None = None) -> CamPayload:
         cam = self.predictor.grad_cam(torch.from_numpy(image).permute(2, 0, 1), layer, class_index)
         return CamPayload(class_index=cam.class_index, probability=cam.probability, layer_map=cam.layer_map.numpy())
+
+    @bentoml.api
+    def explain(self, image: np.ndarray, method: str, class_index: int | None = None, layer: str | None = None,
+                window: int | None = None, stride: int | None = None, steps: int = 16) -> ExplainPayload:
+        request = AttributionRequest(method, class_index, layer, window, stride, steps)
+        found = self.predictor.explain(torch.from_numpy(image).permute(2, 0, 1), request)
+        return ExplainPayload(class_index=found.class_index, probability=found.probability,
+                              input_map=found.input_map.numpy(), signed=found.signed,
+                              layer_map=np.zeros((0, 0), np.float32) if found.layer_map is None
+                              else found.layer_map.numpy())
 
     @bentoml.api
     def kernels(self, layer: str) -> np.ndarray:

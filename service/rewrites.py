@@ -7,6 +7,9 @@ service.middleware.
 from __future__ import annotations
 
 import json
+import logging
+
+logger = logging.getLogger(__name__)
 
 
 def _rewrite_body(send, transform):
@@ -25,7 +28,11 @@ def _rewrite_body(send, transform):
         if message.get("more_body"):
             return
         headers = list(start.get("headers", []))
-        body = transform(start.get("status", 200), headers, b"".join(chunks))
+        body = b"".join(chunks)
+        try:
+            body = transform(start.get("status", 200), headers, body)
+        except Exception:  # a bug here must not hang the response: send it as the framework wrote it
+            logger.exception("could not rewrite the response; sending it unchanged")
         headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
         await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
@@ -117,6 +124,32 @@ INTROSPECTION_PATHS = {
             "401": {"description": ERROR_RESPONSES["401"], "content": _ERROR_BODY},
         },
     }},
+    "/atlas": {"get": {
+        "summary": "The channel atlas: what each conv channel responds to across a dataset",
+        "description": "Built offline by `python -m training atlas`. With `channel`: that channel's top-9 "
+                       "dataset patches (each cropped to the receptive field of the unit that fired) as a PNG "
+                       "grid, with each patch's source image, position and activation. Without: every "
+                       "channel of the layer, summarized.",
+        "parameters": [
+            {"name": "layer", "in": "query", "required": False, "schema": {"type": "string", "default": "conv1"},
+             "description": "a conv layer name from GET /model"},
+            {"name": "channel", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0},
+             "description": "a channel of that layer"},
+        ],
+        "responses": {
+            "200": {"description": "the channel's patches, or the layer's summary", "content": {"application/json": {
+                "schema": {"type": "object", "required": ["layer"], "properties": {
+                    "layer": {"type": "string"}, "channel": {"type": "integer"}, "dataset": {"type": "string"},
+                    "receptive_field": {"type": "integer"}, "grid_png": {"type": "string"},
+                    "patches": {"type": "array", "items": {"type": "object"}},
+                    "channels": {"type": "array", "items": {"type": "object"}},
+                }}}}},
+            "400": {"description": "a channel that is not an integer", "content": _ERROR_BODY},
+            "401": {"description": ERROR_RESPONSES["401"], "content": _ERROR_BODY},
+            "404": {"description": "this model has no atlas", "content": _ERROR_BODY},
+            "422": {"description": "not a conv layer of the atlas, or a channel out of range", "content": _ERROR_BODY},
+        },
+    }},
     "/kernels": {"get": {
         "summary": "Learned kernels as a PNG grid",
         "description": "The kernels of one conv layer, each scaled to [0, 1] on its own: conv1's in colour "
@@ -134,10 +167,63 @@ INTROSPECTION_PATHS = {
 }
 
 
+def _is_file(schema: dict) -> bool:
+    """An upload (binary string), or a list of uploads."""
+    items = schema.get("items")
+    return schema.get("format") == "binary" or (isinstance(items, dict) and _is_file(items))
+
+
+def declare_json_bodies(spec: dict, paths: tuple[str, ...]) -> None:
+    """Declare the JSON request body each inference endpoint accepts besides multipart.
+
+    BentoML documents only multipart for an API with file fields, yet takes the same
+    fields as JSON, with the images in base64 (the README's examples use both). A
+    generated client needs it: multipart clients send a list field as repeated
+    parts, where BentoML reads one part holding a JSON array (the `encoding` it
+    declares, which generators such as openapi-python-client ignore)."""
+    for path in paths:
+        body = spec["paths"].get(path, {}).get("post", {}).get("requestBody", {}).get("content", {})
+        form = body.get("multipart/form-data", {}).get("schema")
+        if form is None or "application/json" in body:
+            continue
+        fields = {k: v for k, v in form.get("properties", {}).items() if not _is_file(v)}
+        body["application/json"] = {"schema": {**form, "properties": fields, "title": form.get("title", "Input")}}
+
+
+def valid_openapi_31(spec: dict) -> dict:
+    """BentoML's spec made valid OpenAPI 3.1 (checked by openapi-spec-validator in the tests).
+
+    BentoML declares 3.0.2 but writes JSON Schema 2020-12 (`{"type": "null"}`),
+    a non-standard `"type": "file"` for uploads, and, in the schemas inlined into
+    the paths, drops the `null` from optional fields while keeping their `null`
+    default -- so a client generated from it rejects our own `"stride": null`.
+    OpenAPI 3.1 is JSON Schema 2020-12: declare it, write files as binary
+    strings, and give every field whose default is null its `null` type back."""
+
+    def fix(node):
+        if isinstance(node, dict):
+            if node.get("type") == "file":
+                node["type"], node["format"] = "string", "binary"
+                for key in ("content_type", "pil"):  # BentoML's own annotations, not JSON Schema
+                    node.pop(key, None)
+            if "default" in node and node["default"] is None and isinstance(node.get("type"), str) \
+                    and node["type"] != "null":
+                node["type"] = [node["type"], "null"]
+            for value in node.values():
+                fix(value)
+        elif isinstance(node, list):
+            for value in node:
+                fix(value)
+
+    fix(spec)
+    spec["openapi"] = "3.1.0"
+    return spec
+
+
 def amend_docs(send, inference_paths: tuple[str, ...]):
-    """The OpenAPI spec, amended: a link to /ui (BentoML's page at / shows this
-    description), the refusals the inference endpoints really return, and the GET
-    endpoints BentoML does not know of."""
+    """The OpenAPI spec, amended: valid OpenAPI 3.1 (valid_openapi_31), a link to /ui
+    (BentoML's page at / shows this description), the refusals the inference endpoints
+    really return, and the GET endpoints BentoML does not know of."""
 
     def transform(status, headers, body):
         if status != 200:
@@ -155,6 +241,7 @@ def amend_docs(send, inference_paths: tuple[str, ...]):
             for code, description in ERROR_RESPONSES.items():
                 operation["responses"].setdefault(code, {"description": description, "content": _ERROR_BODY})
         paths.update(INTROSPECTION_PATHS)
-        return json.dumps(spec).encode()
+        declare_json_bodies(spec, inference_paths)
+        return json.dumps(valid_openapi_31(spec)).encode()
 
     return _rewrite_body(send, transform)

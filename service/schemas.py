@@ -8,6 +8,7 @@ from pydantic import BaseModel, Field
 
 Stage = Literal["pre_relu", "post_relu"]
 FeatureFormat = Literal["png", "array", "stats"]
+ExplainMethod = Literal["gradcam", "guided_backprop", "deconvolution", "occlusion", "integrated_gradients"]
 
 
 class ErrorBody(BaseModel):
@@ -62,9 +63,10 @@ class LayerFeatureMaps(BaseModel):
     receptive_field: int = Field(description="input pixels one output value sees (per side)")
     jump: int = Field(description="input pixels between neighbouring outputs (effective stride)")
     channels: list[int] = Field(description="channels returned, in the order shown")
-    png: str | None = Field(None, description="base64 PNG grid, one tile per channel, each normalized")
-    array: ArrayPayload | None = None
-    stats: list[ChannelStats] | None = None
+    png: str | None = Field(None, description="format png: base64 PNG grid, one tile per channel, each normalized")
+    array: ArrayPayload | None = Field(None, description="format array: the chosen channels' exact values")
+    # A list, never null: BentoML's clients decode a list-typed field as a list (null broke them).
+    stats: list[ChannelStats] = Field(default_factory=list, description="format stats: one entry per channel")
 
 
 class FeatureMapsResponse(BaseModel):
@@ -87,3 +89,23 @@ class GradCamResponse(BaseModel):
     jump: int = Field(description="input pixels between neighbouring cells of layer_map")
     heatmap_png: str = Field(description="base64 RGBA PNG at input_size x input_size to lay over the "
                                          "resized, center-cropped input: transparent where cold, red where hot")
+
+
+class ExplainResponse(BaseModel):
+    model: str
+    method: ExplainMethod
+    class_index: int = Field(description="the class explained (default: the top-1 class)")
+    label: str
+    probability: float
+    input_size: int
+    signed: bool = Field(description="true (occlusion, integrated gradients): positive values are evidence for the "
+                                     "class, negative against; false: a magnitude >= 0")
+    attribution: ArrayPayload = Field(description="the map at input_size x input_size, over the resized, "
+                                                  "center-cropped input")
+    overlay_png: str = Field(description="base64 RGBA PNG at input_size to lay over the input: transparent where "
+                                         "nothing speaks for the class, red where most does")
+    layer: str | None = Field(None, description="gradcam: the conv layer whose maps were weighted")
+    window: int | None = Field(None, description="occlusion: side of the gray square, in input pixels")
+    stride: int | None = Field(None, description="occlusion: its step")
+    steps: int | None = Field(None, description="integrated_gradients: points on the path from a gray image")
+    forward_passes: int = Field(description="about how many forward passes it took")

@@ -26,12 +26,15 @@ import torch
 from bentoml.exceptions import ServiceUnavailable
 from pydantic import Field
 
+from model.attribution import MAX_STEPS, AttributionRequest
 from model.errors import ModelRequestError
 from model.inference import pick_device
 from model.preprocess import DecodeLimits
-from service import explain
 from service import feature_maps as maps
+from service.explain import explain as explain_image
+from service.explain import gradcam as gradcam_image
 from service.admission import Admission
+from service.atlas import Atlas
 from service.backend import LocalBackend, ModelShape, RemoteBackend, build_predictor, load_or_exit, locate_model
 from service.config import CONFIG, Layout
 from service.decoding import Decoder
@@ -41,8 +44,8 @@ from service.introspection import introspection_app
 from service.metrics import ServiceMetrics
 from service.middleware import GuardMiddleware
 from service.schemas import (
-    ClassifyResponse, EmbedResponse, FeatureFormat, FeatureMapsResponse, GradCamResponse, ImagePrediction,
-    LabelScore, Stage,
+    ClassifyResponse, EmbedResponse, ExplainMethod, ExplainResponse, FeatureFormat, FeatureMapsResponse,
+    GradCamResponse, ImagePrediction, LabelScore, Stage,
 )
 
 
@@ -106,6 +109,7 @@ class CNNService:
             self.metrics.model_info.labels(self.model_tag, shape.manifest.preset, shape.manifest.weights_sha256,
                                            device.type, predictor.dtype_name).set(1)
         self.manifest, self.layers = shape.manifest, shape.layers
+        self.atlas = Atlas(MODEL_PATH, shape.manifest)
         self.input_size = shape.manifest.preprocessing.input_size
         gpu = device if device.type == "cuda" and CONFIG.gpu_decode != "off" else None
         self.decoder = Decoder(shape.manifest.preprocessing,
@@ -185,10 +189,39 @@ class CNNService:
         weighted by how much each raises the class score. `class_index`
         (default: the top-1 class) picks the class to explain."""
         async def work(pixels: np.ndarray) -> GradCamResponse:
-            return await explain.gradcam(self.backend, self.layers, self.manifest.class_names, self.model_tag,
+            return await gradcam_image(self.backend, self.layers, self.manifest.class_names, self.model_tag,
                                          self.input_size, pixels, layer, class_index)
 
         return await self._guarded("gradcam", self._on_one_image("gradcam", image, image_base64, work))
+
+    @bentoml.api(route="/explain")
+    async def explain(
+        self,
+        image: Path = Field(default=None),  # not Optional: see `images` above
+        image_base64: str | None = None,
+        method: ExplainMethod = "gradcam",
+        class_index: Annotated[int | None, Field(ge=0)] = None,
+        layer: str | None = None,
+        window: Annotated[int | None, Field(ge=2, le=4096)] = None,
+        stride: Annotated[int | None, Field(ge=1, le=4096)] = None,
+        steps: Annotated[int, Field(ge=2, le=MAX_STEPS)] = 16,
+    ) -> ExplainResponse:
+        """Where in one image the evidence for a class lies, by one of the classic methods (through
+        Captum): `gradcam` (at a conv `layer`, default the last), `guided_backprop`, `deconvolution`
+        (Zeiler & Fergus), `occlusion` (a gray `window` slid with `stride` over the input; at most
+        144 positions) or `integrated_gradients` (`steps` points from a gray image). For the top
+        class, or `class_index`. Returns the map at the input's size (float16) and a PNG overlay."""
+        async def run() -> ExplainResponse:
+            request = AttributionRequest(method, class_index, layer, window, stride, steps)
+            request = request.resolved(self.backend.shape_of)  # 4xx before any decoding
+
+            async def work(pixels: np.ndarray) -> ExplainResponse:
+                return await explain_image(self.backend, self.manifest.class_names, self.model_tag, self.input_size,
+                                           pixels, request)
+
+            return await self._on_one_image("explain", image, image_base64, work, cost=request.cost(self.input_size))
+
+        return await self._guarded("explain", run())
 
     # ----- implementation ---------------------------------------------------
 
@@ -236,10 +269,11 @@ class CNNService:
         return EmbedResponse(model=self.model_tag, layer=list(self.layers)[-2], dim=embeddings.shape[1],
                              normalized=normalize, embeddings=embeddings.tolist())
 
-    async def _on_one_image(self, endpoint: str, image, image_base64, work):
-        """One image (file or base64) through `work(pixels)`: admitted, decoded, timed and counted."""
+    async def _on_one_image(self, endpoint: str, image, image_base64, work, cost: int = 1):
+        """One image (file or base64) through `work(pixels)`: admitted (as `cost` images' worth of
+        forward passes), decoded, timed and counted."""
         data = collect_payloads([image] if image else None, [image_base64] if image_base64 else None, False)[0]
-        async with self._admitted(1):
+        async with self._admitted(cost):
             pixels = (await self._decode(endpoint, [data]))[0]
             with self.metrics.forward_seconds.labels(endpoint, self.metrics.device).time():
                 result = await work(pixels)

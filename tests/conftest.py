@@ -12,6 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 # Small enough for seconds on 2 CPU cores, big enough to learn well above chance (1/12).
 TINY_TRAIN = ["--data", "shapes", "--preset", "small", "--shapes-per-class", "96", "--batch-size", "32"]
+ATLAS_PER_CLASS = 20  # the tiny run's atlas: 240 generated test images
 
 
 @pytest.fixture(scope="session")
@@ -44,9 +45,11 @@ def run_cli(cli_env):
 
 @pytest.fixture(scope="session")
 def tiny_run(run_cli, tmp_path_factory) -> Path:
-    """A real training run through the CLI, shared by the tests that need a checkpoint."""
+    """A real training run through the CLI, shared by the tests that need a checkpoint; with its
+    channel atlas, as `make serve`'s default model has one."""
     out = tmp_path_factory.mktemp("tiny_run")
     run_cli("training", *TINY_TRAIN, "--epochs", "4", "--out", str(out))
+    run_cli("training", "atlas", str(out), "--data", "shapes", "--shapes-per-class", str(ATLAS_PER_CLASS))
     return out
 
 

@@ -57,6 +57,12 @@ def test_split_layout_serves_every_endpoint(split_server):
     cam = httpx.post(f"{url}/gradcam", files=[("image", ("x.png", image, "image/png"))], timeout=60)
     assert cam.status_code == 200 and cam.json()["layer_map"]["shape"] == [8, 8]
     assert httpx.get(f"{url}/kernels", params={"layer": "conv1"}, timeout=60).headers["content-type"] == "image/png"
+    for method in ("gradcam", "occlusion"):
+        explained = httpx.post(f"{url}/explain", json={"image_base64": base64.b64encode(image).decode(),
+                                                       "method": method}, timeout=60)
+        assert explained.status_code == 200 and explained.json()["attribution"]["shape"] == [64, 64], explained.text
+    atlas = httpx.get(f"{url}/atlas", params={"layer": "conv1", "channel": 0}, timeout=60)
+    assert atlas.status_code == 200 and len(atlas.json()["patches"]) == 9
     described = httpx.get(f"{url}/model", timeout=60).json()
     assert described["layout"] == {"split": True, "api_workers": 2, "model_workers": 1, "gpus": 0}
     assert described["batching"]["batcher"] == "bentoml (model service)" and described["dtype"]
@@ -74,6 +80,9 @@ def test_split_layout_checks_requests_before_the_model_service(split_server):
     assert bad_class.status_code == 422 and bad_class.json()["error"] == "class_out_of_range"
     not_conv = httpx.get(f"{split_server.url}/kernels", params={"layer": "fc6"}, timeout=60)
     assert not_conv.status_code == 422 and not_conv.json()["error"] == "unknown_layer"
+    big_window = httpx.post(f"{split_server.url}/explain", json={"image_base64": data, "method": "occlusion",
+                                                                 "window": 65}, timeout=60)
+    assert big_window.status_code == 422 and big_window.json()["error"] == "bad_attribution_parameters"
 
 
 @pytest.mark.slow

@@ -91,19 +91,6 @@ def test_classify_multipart_with_form_top_k(server):
     assert len(response.json()["predictions"][0]["top_k"]) == 2
 
 
-def test_sync_http_client_calls_every_endpoint(server, tmp_path):
-    image_path = tmp_path / "cross.png"
-    image_path.write_bytes(shape_png(4))
-    with bentoml.SyncHTTPClient(server.url) as client:
-        by_file = client.classify(images=[image_path], top_k=1)
-        by_b64 = client.classify(images_base64=[b64(shape_png(4))], top_k=1)
-        embedded = client.embed(images=[image_path])
-        maps = client.feature_maps(image=image_path, layers=["conv1"], format="stats")
-    assert by_file["predictions"][0]["top_k"][0]["label"] == by_b64["predictions"][0]["top_k"][0]["label"]
-    assert len(embedded["embeddings"]) == 1
-    assert maps["layers"][0]["layer"] == "conv1"
-
-
 # ----- embeddings ---------------------------------------------------------------
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import httpx
 import pytest
 
+from tests.conftest import ROOT
 from tests.images import shape_png
 
 pytestmark = pytest.mark.slow
@@ -72,17 +74,34 @@ def test_upload_shows_predictions_feature_maps_and_kernels(browser, server, tmp_
     info = page.locator(".layer[data-layer=conv1] dl").inner_text()
     assert "receptive field" in info and "5×5 px" in info  # the small preset's conv1: 5x5 kernels
 
+    # a channel of conv2: its map over the input, and beside it the atlas -- what it looks for in the data
     page.click("img.grid[data-layer=conv2]", position={"x": 3, "y": 3})
     page.wait_for_selector("#overlay:not([hidden])", timeout=30_000)
-    assert "conv2, channel" in page.locator("#overlay-caption").inner_text()
+    caption = page.locator("#overlay-caption").inner_text()
+    assert "conv2, channel" in caption
+    channel = int(caption.split("channel ")[1].split(":")[0])
+    page.wait_for_function("() => { const g = document.getElementById('atlas-grid'); "
+                           "return !g.hidden && g.complete && g.naturalWidth > 0; }", timeout=30_000)
+    assert page.get_attribute("#atlas-grid", "data-channel") == str(channel)
+    assert f"conv2, channel {channel}: its 9 strongest patches" in page.locator("#atlas-caption").inner_text()
+    served = httpx.get(f"{server.url}/atlas", params={"layer": "conv2", "channel": channel}, timeout=30).json()
+    assert page.get_attribute("#atlas-grid", "src").endswith(served["grid_png"])
 
-    page.click("#cam-toggle")
-    page.wait_for_function("() => { const c = document.getElementById('cam'); "
-                           "return !c.hidden && c.complete && c.naturalWidth > 0; }", timeout=30_000)
-    assert "Grad-CAM for" in page.locator("#overlay-caption").inner_text()
+    # every attribution method, laid over the input
+    for method, words in (("occlusion", "gray square"), ("guided_backprop", "positive gradients"),
+                          ("deconvolution", "transposed network"), ("integrated_gradients", "from a gray image"),
+                          ("gradcam", "maps weighted by their gradient")):
+        page.select_option("#method-select", method)
+        page.click("#explain-button")
+        page.wait_for_function(f"() => {{ const c = document.getElementById('cam'); return !c.hidden && "
+                               f"c.dataset.method === '{method}' && c.complete && c.naturalWidth > 0; }}",
+                               timeout=60_000)
+        assert words in page.locator("#overlay-caption").inner_text(), method
 
     page.screenshot(path=str(tmp_path / "inspector.png"), full_page=True)
     assert (tmp_path / "inspector.png").stat().st_size > 10_000
+    if os.environ.get("UPDATE_SCREENSHOT"):  # the README's picture (the top of the page): UPDATE_SCREENSHOT=1
+        page.screenshot(path=str(ROOT / "docs" / "inspector.png"))
     assert problems == []
     page.close()
 

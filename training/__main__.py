@@ -3,6 +3,7 @@
     python -m training --data shapes --preset small --out runs/small [--register]
     python -m training evaluate runs/small --data shapes [--report reports/small]
     python -m training register runs/small
+    python -m training atlas runs/small --data shapes        # what each conv channel responds to
     torchrun --nproc-per-node 2 -m training --data shapes --out runs/ddp
 """
 
@@ -21,7 +22,8 @@ DEFAULTS = RunConfig()
 def train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m training",
-        description="Train an AlexNet-style CNN. Subcommands: `evaluate CHECKPOINT_DIR`, `register CHECKPOINT_DIR`.",
+        description="Train an AlexNet-style CNN. Subcommands: `evaluate CHECKPOINT_DIR`, `register CHECKPOINT_DIR`, "
+                    "`atlas CHECKPOINT_DIR`.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--data", default=DEFAULTS.data, help="'shapes' (generated) or an ImageFolder directory")
@@ -127,9 +129,33 @@ def run_register(argv: list[str]) -> int:
     return 0
 
 
+def run_atlas(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m training atlas",
+        description="build the channel atlas of a checkpoint: each conv channel's top-9 dataset patches",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--data", default="shapes", help="'shapes' (its test split) or an ImageFolder directory")
+    parser.add_argument("--shapes-per-class", type=int, default=100, help="for --data shapes")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--limit", type=int, default=None, help="use at most this many images")
+    args = parser.parse_args(argv)
+    from model.checkpoint import CheckpointError
+    from training.atlas import build_atlas
+    from training.data import DataError
+
+    try:
+        build_atlas(args.checkpoint, args.data, args.shapes_per_class, args.seed, args.limit)
+    except (CheckpointError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"evaluate": run_evaluate, "register": run_register}
+    commands = {"evaluate": run_evaluate, "register": run_register, "atlas": run_atlas}
     if argv and argv[0] in commands:
         return commands[argv[0]](argv[1:])
     if argv and argv[0] == "train":

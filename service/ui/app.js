@@ -1,7 +1,7 @@
 // The feature-map inspector. Plain browser JavaScript, no build step, no
 // external fetch: everything comes from the service's public endpoints
-// (/model, /classify, /feature_maps, /kernels), so it doubles as an example
-// of calling them.
+// (/model, /classify, /feature_maps, /kernels, /atlas, /explain), so it
+// doubles as an example of calling them.
 "use strict";
 
 const state = { model: null, image: null, imageUrl: null, apiKey: sessionStorage.getItem("apiKey") || "" };
@@ -172,21 +172,56 @@ async function overlayChannel(layer, grid, event) {
   $("cam").hidden = true;
   $("overlay-caption").textContent =
     `${layer.layer}, channel ${channel}: where it responds (red = strongest; each of its ${width}×${height} values sees ${layer.receptive_field}×${layer.receptive_field} input pixels).`;
+  await showAtlas(layer, channel);
 }
 
-// Grad-CAM: the service weighs the last conv layer's maps by how much each
-// raises the top class's score; the heat map arrives as an RGBA PNG at the
-// network's input size, to lay over the (cropped) input.
-async function showGradCam() {
-  const response = await api("/gradcam", { method: "POST", body: imageForm({ image: state.image }) });
-  const cam = await response.json();
-  $("cam").src = `data:image/png;base64,${cam.heatmap_png}`;
+// The channel atlas: the dataset patches where this channel fires most, each
+// cropped to the receptive field of the unit that fired (GET /atlas).
+async function showAtlas(layer, channel) {
+  const view = $("atlas-view");
+  if (layer.type !== "conv") { view.hidden = true; return; }
+  const response = await fetch(`/atlas?layer=${layer.layer}&channel=${channel}`,
+                               { headers: state.apiKey ? { Authorization: `Bearer ${state.apiKey}` } : {} });
+  const body = await response.json();
+  view.hidden = false;
+  if (!response.ok) {
+    $("atlas-grid").hidden = true;
+    $("atlas-caption").textContent = body.detail || `${response.status}: no atlas`;
+    return;
+  }
+  $("atlas-grid").hidden = false;
+  $("atlas-grid").dataset.layer = layer.layer;
+  $("atlas-grid").dataset.channel = channel;
+  $("atlas-grid").src = `data:image/png;base64,${body.grid_png}`;
+  $("atlas-caption").textContent =
+    `${layer.layer}, channel ${channel}: its ${body.patches.length} strongest patches in ${body.dataset} ` +
+    `(best first, activation ${body.patches[0].activation.toFixed(2)} to ` +
+    `${body.patches[body.patches.length - 1].activation.toFixed(2)}; mean ${body.mean_activation.toFixed(3)}). ` +
+    `Each is the ${body.receptive_field}×${body.receptive_field} px field one unit sees.`;
+}
+
+// Attributions: where the evidence for the top class lies, by the chosen method
+// (POST /explain); the map arrives as an RGBA PNG at the network's input size,
+// to lay over the (cropped) input.
+const METHOD_NOTES = {
+  gradcam: (r) => `${r.layer}'s maps weighted by their gradient`,
+  guided_backprop: () => "input gradient through ReLUs that pass only positive gradients back",
+  deconvolution: () => "activations projected back to pixels through the transposed network",
+  occlusion: (r) => `drop in the class score when a ${r.window}×${r.window} px gray square covers each place`,
+  integrated_gradients: (r) => `gradients along ${r.steps} steps from a gray image`,
+};
+
+async function explain() {
+  const method = $("method-select").value;
+  const response = await api("/explain", { method: "POST", body: imageForm({ image: state.image, method }) });
+  const result = await response.json();
+  $("cam").src = `data:image/png;base64,${result.overlay_png}`;
+  $("cam").dataset.method = method;
   $("cam").hidden = false;
   $("overlay").hidden = true;
   $("overlay-caption").textContent =
-    `Grad-CAM for "${cam.label}" (${(100 * cam.probability).toFixed(1)}%): ${cam.layer}'s ` +
-    `${cam.layer_map.shape.join("×")} maps weighted by their gradient; red = the evidence ` +
-    `(each cell sees ${cam.receptive_field}×${cam.receptive_field} input pixels).`;
+    `${method} for "${result.label}" (${(100 * result.probability).toFixed(1)}%): ` +
+    `${METHOD_NOTES[method](result)}; red = the evidence (${result.forward_passes} forward passes).`;
 }
 
 async function loadKernels() {
@@ -209,7 +244,8 @@ async function analyse(blob) {
   $("input-image").src = state.imageUrl;
   $("overlay").hidden = true;
   $("cam").hidden = true;
-  $("cam-toggle").disabled = false;
+  $("atlas-view").hidden = true;
+  $("explain-button").disabled = false;
   $("result-panel").hidden = false;
   try {
     const model = await loadModel();
@@ -272,7 +308,7 @@ function setUp() {
   for (const id of ["stage-select", "channels-select"]) {
     $(id).addEventListener("change", () => { if (state.image) analyse(state.image); });
   }
-  $("cam-toggle").addEventListener("click", () => showGradCam().catch((e) => showError(e.message)));
+  $("explain-button").addEventListener("click", () => explain().catch((e) => showError(e.message)));
   $("api-key-save").addEventListener("click", () => {
     state.apiKey = $("api-key-input").value.trim();
     sessionStorage.setItem("apiKey", state.apiKey);
