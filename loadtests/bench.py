@@ -266,7 +266,7 @@ def main() -> None:
                                                                                      + decode)
         results["service"][preset] = entry
     if not args.skip_null:
-        for name, label, env in (("null_single", "single, 1 API worker", {"LAYOUT": "single"}),
+        for name, label, env in (("null_single", "single, 1 API worker", {"LAYOUT": "single", "API_WORKERS": "1"}),
                                  ("null_split1", "split, 1 API worker", {"LAYOUT": "split", "API_WORKERS": "1"}),
                                  ("null_split2", "split, 2 API workers", {"LAYOUT": "split", "API_WORKERS": "2"})):
             print(f"null model, {label}", flush=True)

@@ -85,6 +85,34 @@ def predictor_speed(preset: str, precision: str, device: torch.device, seconds: 
     return results
 
 
+def attribution_costs(presets: tuple[str, ...], device: torch.device, repeats: int = 3) -> dict[str, dict[str, dict]]:
+    """Milliseconds per /explain method (its defaults) and per atlas-free Grad-CAM, on the Predictor."""
+    from model.attribution import METHODS, AttributionRequest
+    from model.checkpoint import Checkpoint, Manifest
+    from model.config import get_preset
+    from model.inference import Predictor
+    from model.network import AlexNet
+
+    out: dict[str, dict[str, dict]] = {}
+    for preset in presets:
+        spec = get_preset(preset)
+        manifest = Manifest(spec.config, preset, [str(i) for i in range(spec.config.num_classes)], spec.preprocessing)
+        predictor = Predictor(Checkpoint(AlexNet(spec.config).eval(), manifest, Path(".")), device, "fp32")
+        size = spec.preprocessing.input_size
+        image = torch.randint(0, 256, (3, size, size), dtype=torch.uint8)
+        for method in METHODS:
+            request = AttributionRequest(method).resolved(predictor.reference)
+            predictor.explain(image, request)
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                predictor.explain(image, request)
+                times.append(time.perf_counter() - start)
+            out.setdefault(preset, {})[method] = {"ms": statistics.median(times) * 1000,
+                                                 "forward_passes": request.cost(size)}
+    return out
+
+
 def measure(presets: tuple[str, ...] = ("torchvision", "alexnet"), seconds: float = 2.0) -> dict:
     """The limit and every preset x precision, with each one's best as a fraction of L."""
     from model.inference import configure_cpu_threads, pick_device
@@ -100,7 +128,9 @@ def measure(presets: tuple[str, ...] = ("torchvision", "alexnet"), seconds: floa
             rates = predictor_speed(preset, precision, device, seconds)
             predictors[f"{preset}/{precision}"] = {"rates": rates, "best": max(rates.values()),
                                                    "over_limit": max(rates.values()) / best_limit}
-    return {"device": str(device), "limit": limit, "limit_best": best_limit, "predictors": predictors}
+    explain = attribution_costs(("small", "alexnet"), device)
+    return {"device": str(device), "limit": limit, "limit_best": best_limit, "predictors": predictors,
+            "explain": explain}
 
 
 def report(result: dict) -> str:
@@ -111,6 +141,9 @@ def report(result: dict) -> str:
     for name, entry in result["predictors"].items():
         lines.append(f"  Predictor {name:17s} " + "  ".join(f"{entry['rates'][b]:8.1f}" for b in BATCH_SIZES)
                      + f"   best / L = {entry['over_limit']:.2f}")
+    for preset, methods in result.get("explain", {}).items():
+        lines.append(f"  /explain on {preset} (fp32): " + ", ".join(
+            f"{m} {v['ms']:.0f} ms ({v['forward_passes']} passes)" for m, v in methods.items()))
     return "\n".join(lines)
 
 

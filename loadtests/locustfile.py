@@ -4,7 +4,7 @@ not just the status code.
     locust -f loadtests/locustfile.py --host http://127.0.0.1:3000
 
 Tunable through the environment:
-  LOCUST_WEIGHTS="inference=6,inspector=1,embedding=2"   relative share of each user class
+  LOCUST_WEIGHTS="inference=6,inspector=1,embedding=2,attribution=1"   relative share of each user class
   LOCUST_WAIT="0.1,0.5"                                  seconds between a user's requests (min,max)
   LOCUST_THROUGHPUT=6.0                                  or: each user paces itself to this many requests/s
   LOCUST_HONOR_RETRY_AFTER=1                             a shed user waits Retry-After seconds, as
@@ -34,7 +34,7 @@ SHAPES = [image for image in IMAGES if image.name.startswith("shape_")]
 
 
 def _weights() -> dict[str, int]:
-    weights = {"inference": 6, "inspector": 1, "embedding": 2}
+    weights = {"inference": 6, "inspector": 1, "embedding": 2, "attribution": 1}
     for item in filter(None, os.environ.get("LOCUST_WEIGHTS", "").split(",")):
         name, _, value = item.partition("=")
         weights[name.strip()] = int(value)
@@ -223,6 +223,33 @@ class FeatureMapInspector(_Checked):
             return None
 
         self._post("gradcam", check, files=[("image", (image.name, image.data, image.content_type))])
+
+
+class _Explaining:
+    @staticmethod
+    def check(body: dict) -> str | None:
+        side = body["input_size"]
+        if body["attribution"]["shape"] != [side, side] or not 0 <= body["probability"] <= 1:
+            return f"bad /explain body: {str(body)[:200]}"
+        return None
+
+
+class AttributionClient(_Checked):
+    """People asking where the evidence lies: a cheap method and a costly one, and the channel atlas."""
+
+    weight = WEIGHTS.get("attribution", 1)
+
+    @task(2)
+    def guided_backprop(self):
+        image = random.choice(SHAPES)
+        self._post("explain:guided_backprop", _Explaining.check,
+                   json={"image_base64": base64.b64encode(image.data).decode(), "method": "guided_backprop"})
+
+    @task(1)
+    def occlusion(self):
+        image = random.choice(SHAPES)
+        self._post("explain:occlusion", _Explaining.check,
+                   json={"image_base64": base64.b64encode(image.data).decode(), "method": "occlusion"})
 
 
 class EmbeddingClient(_Checked):

@@ -36,8 +36,8 @@ from model.network import AlexNet
 
 METHODS = ("gradcam", "guided_backprop", "deconvolution", "occlusion", "integrated_gradients")
 SIGNED = {"occlusion", "integrated_gradients"}
-MAX_OCCLUSION_WINDOWS = 144  # 12 x 12 positions
-MAX_STEPS = 64
+MAX_OCCLUSION_WINDOWS = 64  # 8 x 8 positions: ~0.8 s for AlexNet in fp32 on 2 cores (BENCHMARKS.md)
+MAX_STEPS = 32  # ~0.9 s for AlexNet
 BATCH = 16  # perturbed images per forward pass (occlusion, integrated gradients)
 
 

@@ -14,9 +14,10 @@ Layout (LAYOUT):
           fastest on a CPU-only box, where the model and the frontend share
           the same cores anyway (BENCHMARKS.md: split costs ~1 core-ms more
           per image for the hop between processes). One worker per core, up
-          to MAX_CPU_WORKERS (each holds a model): two on the 2-core dev VM
-          served 1.4x the images of one, the frontend's Python being what a
-          single process runs out of first.
+          to MAX_CPU_WORKERS (each holds a model), each forward free to use
+          every core: on the 2-core dev VM two workers served 1.1-1.5x the
+          images of one at 32 clients (the frontend's Python is what a single
+          process runs out of first) and one client as fast.
   split   API workers (decode, validation, responses; as many as the cores
           need) call a model service through `bentoml.depends`: one batched
           model worker per GPU. The frontend, not the GPU, runs out first on
@@ -75,7 +76,7 @@ class ServiceConfig:
     max_image_pixels: int = 40_000_000
     max_feature_map_bytes: int = 8 * 1024 * 1024  # cap on one /feature_maps response
     forward_threads: int = 1  # batches in flight at once per model worker
-    torch_threads: int = 0  # intra-op threads per forward; 0 = the cores this layout leaves the model
+    torch_threads: int = 0  # intra-op threads per forward; 0 = every core
     max_concurrency: int = 256  # requests in flight per API worker before BentoML answers 503
     request_timeout_s: int = 30
     retry_after_s: int = 1

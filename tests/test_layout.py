@@ -95,3 +95,26 @@ def test_split_layout_answers_like_one_process(split_server, server):
         assert [s["index"] for s in a["top_k"]] == [s["index"] for s in b["top_k"]]
         np.testing.assert_allclose([s["probability"] for s in a["top_k"]], [s["probability"] for s in b["top_k"]],
                                    atol=1e-3)
+
+
+@pytest.mark.slow
+def test_the_model_service_is_reachable_only_through_a_private_unix_socket(split_server):
+    """The pickles between API and model workers travel over a Unix socket in a directory only the
+    serving user can open; no worker listens on TCP but on the public port (inherited from the
+    supervisor, which alone keeps two loopback control ports of its own: circus's)."""
+    import os
+    import stat
+
+    import psutil
+
+    workers = [psutil.Process(pid) for pid in split_server.worker_pids()]
+    processes = [psutil.Process(split_server.process.pid), *workers]
+    listening = {c.laddr.port for p in workers for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+    assert listening == {split_server.port}
+    supervisor = [c.laddr.ip for c in processes[0].net_connections("tcp") if c.status == psutil.CONN_LISTEN]
+    assert set(supervisor) == {"127.0.0.1"}
+    sockets = {c.laddr for p in processes for c in p.net_connections("unix") if c.laddr}
+    assert sockets, "no Unix socket: the model service must listen on one"
+    for path in sockets:
+        mode = os.stat(os.path.dirname(path)).st_mode
+        assert stat.S_IMODE(mode) & 0o077 == 0, (path, oct(mode))

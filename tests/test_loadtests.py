@@ -24,7 +24,8 @@ def test_smoke_scenario_passes_its_gates(server, run_cli, tmp_path):
     assert not any(name.startswith(("p95", "p99", "min_rps")) for name in gates), "speed gates belong to make loadtest"
     summary = json.loads((tmp_path / "smoke_summary.json").read_text())
     # every user class and request form was exercised, and every answer checked
-    assert {"classify:multipart", "classify:json", "embed", "feature_maps:png"} <= set(summary["endpoints"])
+    assert {"classify:multipart", "classify:json", "embed", "feature_maps:png", "explain:guided_backprop"} \
+        <= set(summary["endpoints"])
     assert (tmp_path / "smoke.html").stat().st_size > 1000 and (tmp_path / "smoke_stats.csv").exists()
 
 
