@@ -120,7 +120,8 @@ def test_time_budget_stops_on_time(run_cli, tmp_path):
     assert 4 <= log[-1]["elapsed"] <= 4 + 30  # past the budget by at most a step and an evaluation (hang guard)
     assert len(log) < 1000
     assert log[-1]["lr"] < 0.02 * log[0]["lr"] or log[-1]["lr"] < 1e-3  # cosine decayed to ~0 at the budget
-    assert load_checkpoint(out).manifest.training["seconds"] <= log[-1]["elapsed"]
+    # the checkpoint's figure is the log's at the best epoch, rounded to 10 ms
+    assert load_checkpoint(out).manifest.training["seconds"] <= log[-1]["elapsed"] + 0.01
 
 
 def test_torchrun_two_processes_with_gloo(cli_env, tmp_path):
