@@ -156,17 +156,20 @@ def _is_worker(pid: int) -> bool:
 def test_sigterm_drains_in_flight_requests(own_server, tmp_path):
     from loadtests.__main__ import untrained_checkpoint
 
-    # A slow model (AlexNet in fp32, two images per forward) and 8 requests of 8 images: about a
-    # second of work, so requests are really in flight when SIGTERM lands.
+    # A slow model (AlexNet in fp32, one image per forward) and 8 requests of 8 images: about a
+    # second of work, so requests are really in flight when SIGTERM lands. One API worker: the
+    # in-flight count below is that worker's (with two, each request lands in either, and the other's
+    # images would be invisible to the poll).
     checkpoint = untrained_checkpoint("alexnet", tmp_path / "alexnet")
-    server = own_server(CHECKPOINT_DIR=str(checkpoint), MAX_BATCH_SIZE="2", MAX_LATENCY_MS="30000",
-                        PRECISION="fp32")
+    server = own_server(CHECKPOINT_DIR=str(checkpoint), API_WORKERS="1", MAX_BATCH_SIZE="1",
+                        MAX_LATENCY_MS="30000", PRECISION="fp32")
     files = [("images", (f"x{i}.png", shape_png(i), "image/png")) for i in range(8)]
     results: list[int | str] = []
+    client = httpx.Client(base_url=server.url, timeout=120)  # thread-safe; one connection pool for all
 
     def request():
         try:
-            results.append(httpx.post(f"{server.url}/classify", files=files, timeout=120).status_code)
+            results.append(client.post("/classify", files=files).status_code)
         except httpx.HTTPError as err:
             results.append(type(err).__name__)
 
@@ -177,7 +180,7 @@ def test_sigterm_drains_in_flight_requests(own_server, tmp_path):
     # while one is still connecting: a connection refused after SIGTERM is correct behaviour.
     deadline = time.time() + 120
     while time.time() < deadline:
-        in_flight = httpx.get(f"{server.url}/model", timeout=30).json()["batching"]["admission"]["inflight_images"]
+        in_flight = client.get("/model").json()["batching"]["admission"]["inflight_images"]
         if in_flight + 8 * len(results) >= 64:
             break
         time.sleep(0.01)
@@ -185,6 +188,7 @@ def test_sigterm_drains_in_flight_requests(own_server, tmp_path):
     for thread in threads:
         thread.join()
     server.process.wait(timeout=60)
+    client.close()
     print(f"\nSIGTERM with {in_flight} images of 8 requests in flight: {results}")
     assert in_flight > 0, "every request finished before SIGTERM: nothing was drained"
     assert results == [200] * 8
