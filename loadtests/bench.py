@@ -36,7 +36,7 @@ import torch
 
 from loadtests import forward
 from loadtests.images import photos
-from loadtests.server import ROOT, ServerProcess
+from loadtests.server import ROOT, ServerProcess, process_kind
 
 CONCURRENCY = (1, 8, 32, 64)
 # A closed-loop client resends the moment it is answered, so N clients keep N
@@ -147,8 +147,7 @@ def _cpu_seconds(root_pid: int) -> dict[str, float]:
             command = " ".join(process.cmdline())
         except psutil.NoSuchProcess:
             continue
-        kind = "model" if "cnn_model" in command else "api" if "_bentoml_impl.worker" in command else "other"
-        totals[kind] += times.user + times.system
+        totals[process_kind(command)] += times.user + times.system
     return totals
 
 

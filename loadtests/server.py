@@ -23,6 +23,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def process_kind(command: str) -> str:
+    """What a process of a `bentoml serve` tree is, from its command line: "model" (a worker of
+    the split layout's model service, cnn_model), "api" (an API worker) or "other" (the supervisor
+    and helpers). BentoML names its worker entry module in the command line; that name is matched
+    here and nowhere else, so a BentoML release that renames it needs one change."""
+    if "cnn_model" in command:
+        return "model"
+    return "api" if "_bentoml_impl.worker" in command else "other"
+
+
 def is_ready(url: str, timeout: float = 2) -> bool:
     """GET /readyz answers 200 (BentoML: the service loaded its model and warmed up)."""
     try:

@@ -14,7 +14,7 @@ import httpx
 import psutil
 import pytest
 
-from loadtests.server import ROOT, ServerProcess
+from loadtests.server import ROOT, ServerProcess, process_kind
 from tests.conftest import serve_until_exit
 from tests import corpus
 from tests.images import shape_png
@@ -148,7 +148,7 @@ def test_sigkill_worker_under_load_recovers(own_server):
 def _is_worker(pid: int) -> bool:
     try:
         process = psutil.Process(pid)
-        return process.status() != psutil.STATUS_ZOMBIE and "_bentoml_impl.worker" in " ".join(process.cmdline())
+        return process.status() != psutil.STATUS_ZOMBIE and process_kind(" ".join(process.cmdline())) != "other"
     except psutil.NoSuchProcess:
         return False
 
