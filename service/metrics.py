@@ -58,6 +58,11 @@ class ServiceMetrics:
         for endpoint in ("classify", "embed", "feature_maps", "gradcam", "explain"):
             self.images.labels(endpoint)  # series exist at 0 from the start: "no traffic" is visible
 
+    def announce_model(self, tag: str, predictor, device_type: str) -> None:
+        """cnn_model_info for the Predictor this worker loaded (API worker or model worker)."""
+        manifest = predictor.manifest
+        self.model_info.labels(tag, manifest.preset, manifest.weights_sha256, device_type, predictor.dtype_name).set(1)
+
     def observe_batch(self, size: int, forward_seconds: float) -> None:
         self.batch_size.labels(self.device).observe(size)
         self.forward_seconds.labels("batch", self.device).observe(forward_seconds)

@@ -75,10 +75,8 @@ class ModelService:
         device = _device_for_worker()
         self.predictor = build_predictor(CONFIG, path, device, cpu_threads=1)
         self.metrics = ServiceMetrics(device.type)
-        manifest = self.predictor.manifest
-        self.metrics.model_info.labels(self.model_tag, manifest.preset, manifest.weights_sha256, device.type,
-                                       self.predictor.dtype_name).set(1)
-        self.classes = manifest.model_config.num_classes
+        self.metrics.announce_model(self.model_tag, self.predictor, device.type)
+        self.classes = self.predictor.manifest.model_config.num_classes
 
     @bentoml.api(batchable=True, max_batch_size=CONFIG.max_batch_size, max_latency_ms=CONFIG.max_latency_ms)
     def predict(self, images: np.ndarray) -> np.ndarray:

@@ -107,8 +107,7 @@ class CNNService:
             probe = predictor.predict(torch.zeros(8, 3, predictor.input_size, predictor.input_size,
                                                   dtype=torch.uint8))
             self.admission = Admission(budget, 8 / probe.forward_seconds)
-            self.metrics.model_info.labels(self.model_tag, shape.manifest.preset, shape.manifest.weights_sha256,
-                                           device.type, predictor.dtype_name).set(1)
+            self.metrics.announce_model(self.model_tag, predictor, device.type)
         self.manifest, self.layers = shape.manifest, shape.layers
         self.atlas = Atlas(MODEL_PATH, shape.manifest)
         self.input_size = shape.manifest.preprocessing.input_size
