@@ -32,6 +32,7 @@ COPY model/ model/
 COPY training/ training/
 COPY service/ service/
 COPY loadtests/ loadtests/
+COPY testkit/ testkit/
 RUN pip install --no-cache-dir --no-deps .
 
 USER 10001

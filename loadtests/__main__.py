@@ -30,7 +30,8 @@ from urllib.parse import urlparse
 
 import httpx
 
-from loadtests.server import ROOT, ServerProcess, wait_until_ready
+from testkit.models import untrained_checkpoint
+from testkit.server import ROOT, ServerProcess, wait_until_ready
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -71,20 +72,6 @@ def check_loopback(url: str) -> None:
         raise SystemExit(f"refusing to load-test {host!r}: targets must be loopback (127.0.0.0/8, localhost, ::1)")
 
 
-def untrained_checkpoint(preset: str, out: Path) -> Path:
-    """A randomly initialized checkpoint: for load and speed only (its predictions mean nothing)."""
-    from model.checkpoint import save_checkpoint
-    from model.config import get_preset
-    from model.network import AlexNet
-
-    if (out / "manifest.json").exists():
-        return out
-    spec = get_preset(preset)
-    save_checkpoint(out, AlexNet(spec.config).eval(), [f"class_{i}" for i in range(spec.config.num_classes)],
-                    spec.preprocessing, preset, {"dataset": "none (untrained, for load tests)"})
-    return out
-
-
 def start_service(scenario: dict, reports: Path) -> ServerProcess:
     env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True"}
     env.update({k: str(v) for k, v in scenario.get("server_env", {}).items()})
@@ -95,7 +82,9 @@ def start_service(scenario: dict, reports: Path) -> ServerProcess:
     return server
 
 
-def run_locust(scenario: dict, host: str, reports: Path) -> tuple[dict, dict]:
+def locust_command(scenario: dict, host: str, reports: Path) -> tuple[list[str], dict[str, str]]:
+    """The headless Locust command line and environment for a scenario; the outcome summary goes to
+    reports/<name>_summary.json, Locust's CSV to reports/<name>_stats.csv."""
     name = scenario["_name"]
     summary_path = reports / f"{name}_summary.json"
     env = {
@@ -114,10 +103,21 @@ def run_locust(scenario: dict, host: str, reports: Path) -> tuple[dict, dict]:
         "-t", str(scenario["duration"]), "--csv", str(reports / name), "--html", str(reports / f"{name}.html"),
         "--only-summary", "--stop-timeout", "10", "--exit-code-on-error", "0", "--loglevel", "WARNING",
     ]
-    subprocess.run(command, cwd=ROOT, env=env, check=True, timeout=_seconds(scenario["duration"]) + 120)
+    return command, env
+
+
+def locust_results(scenario: dict, reports: Path) -> tuple[dict, dict]:
+    """The outcome summary and Locust's aggregated stats row of a finished run."""
+    name = scenario["_name"]
     with open(reports / f"{name}_stats.csv") as stats_file:
         aggregated = next(row for row in csv.DictReader(stats_file) if row["Name"] == "Aggregated")
-    return json.loads(summary_path.read_text()), aggregated
+    return json.loads((reports / f"{name}_summary.json").read_text()), aggregated
+
+
+def run_locust(scenario: dict, host: str, reports: Path) -> tuple[dict, dict]:
+    command, env = locust_command(scenario, host, reports)
+    subprocess.run(command, cwd=ROOT, env=env, check=True, timeout=_seconds(scenario["duration"]) + 120)
+    return locust_results(scenario, reports)
 
 
 def _seconds(duration: str) -> float:
@@ -200,7 +200,7 @@ def calibrate(scenario: dict, host: str, reports: Path) -> float:
 
 def recovery_check(host: str, count: int) -> tuple[int, int]:
     """After the load: wait for /readyz, then `count` sequential requests must all succeed."""
-    from loadtests.images import shapes
+    from testkit.images import shapes
 
     wait_until_ready(host, timeout=30)
     image = shapes(1)[0]

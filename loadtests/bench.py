@@ -35,8 +35,10 @@ from pathlib import Path
 import torch
 
 from loadtests import forward
-from loadtests.images import photos
-from loadtests.server import ROOT, ServerProcess, process_kind
+from testkit.images import photos
+from testkit.metrics import metric_samples, metric_sum
+from testkit.models import untrained_checkpoint
+from testkit.server import ROOT, ServerProcess, process_kind
 
 CONCURRENCY = (1, 8, 32, 64)
 # A closed-loop client resends the moment it is answered, so N clients keep N
@@ -87,13 +89,6 @@ def request_photo_decode_ms(preset: str) -> float:
             load_pixels(photo.data, prep)
             times.append(time.perf_counter() - start)
     return statistics.median(times) * 1000
-
-
-def _multipart(image_bytes: bytes, name: str) -> tuple[bytes, str]:
-    boundary = "benchboundary7d1f"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"images\"; filename=\"{name}\"\r\n"
-            f"Content-Type: image/jpeg\r\n\r\n").encode() + image_bytes + f"\r\n--{boundary}--\r\n".encode()
-    return body, f"multipart/form-data; boundary={boundary}"
 
 
 async def _closed_loop(url: str, bodies: list[tuple[bytes, str]], clients: int, seconds: float) -> dict:
@@ -151,37 +146,30 @@ def _cpu_seconds(root_pid: int) -> dict[str, float]:
     return totals
 
 
-def _metric_total(text: str, name: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + "{") or line.startswith(name + " "))
-
-
 def service_levels(preset: str, reports: Path, seconds: float, env: dict[str, str],
                    concurrency: tuple[int, ...], label: str) -> list[dict]:
     """The service (preset, env) at each concurrency level, with CPU per image by process kind."""
-    import httpx
-
-    from loadtests.__main__ import untrained_checkpoint
+    from urllib3 import encode_multipart_formdata
 
     checkpoint = untrained_checkpoint(preset, reports / "models" / preset)
     server_env = {**os.environ, "CHECKPOINT_DIR": str(checkpoint), "BENTOML_DO_NOT_TRACK": "True", **env}
     server = ServerProcess(server_env, reports / f"bench_{label}_server.log")
     try:
         server.wait_ready(timeout=300)
-        bodies = [_multipart(p.data, p.name) for p in photos((640, 320), ("JPEG",))]
+        bodies = [encode_multipart_formdata([("images", (p.name, p.data, p.content_type))])
+                  for p in photos((640, 320), ("JPEG",))]
         asyncio.run(_closed_loop(server.url, bodies, 4, 2.0))  # warm the connection pool and the server
         rows = []
         for clients in concurrency:
-            before_metrics, before_cpu = httpx.get(f"{server.url}/metrics").text, _cpu_seconds(server.process.pid)
+            before_metrics, before_cpu = metric_samples(server.url), _cpu_seconds(server.process.pid)
             row = asyncio.run(_closed_loop(server.url, bodies, clients, seconds))
-            after_cpu, after_metrics = _cpu_seconds(server.process.pid), httpx.get(f"{server.url}/metrics").text
+            after_cpu, after_metrics = _cpu_seconds(server.process.pid), metric_samples(server.url)
             served = max(1, row["requests"])
             row["cpu_ms_per_image"] = {k: 1000 * (after_cpu[k] - before_cpu[k]) / served for k in after_cpu}
             row["cpu_ms_per_image"]["total"] = sum(row["cpu_ms_per_image"].values())
-            batches = _metric_total(after_metrics, "cnn_batch_size_count") - _metric_total(before_metrics,
-                                                                                           "cnn_batch_size_count")
-            images = _metric_total(after_metrics, "cnn_batch_size_sum") - _metric_total(before_metrics,
-                                                                                        "cnn_batch_size_sum")
+            batches = metric_sum(after_metrics, "cnn_batch_size_count") - metric_sum(before_metrics,
+                                                                                       "cnn_batch_size_count")
+            images = metric_sum(after_metrics, "cnn_batch_size_sum") - metric_sum(before_metrics, "cnn_batch_size_sum")
             row["mean_batch_size"] = images / batches if batches else float("nan")
             rows.append(row)
             print(f"  {label}, {clients:3d} clients: {row['images_per_s']:7.1f} img/s, p50 {row['p50_ms']:.1f} ms, "

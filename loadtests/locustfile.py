@@ -26,8 +26,9 @@ from collections import defaultdict
 
 import gevent
 from locust import FastHttpUser, between, constant_throughput, events, task
+from urllib3 import encode_multipart_formdata
 
-from loadtests.images import request_pool
+from testkit.images import request_pool
 
 IMAGES = request_pool()
 SHAPES = [image for image in IMAGES if image.name.startswith("shape_")]
@@ -89,17 +90,6 @@ def _write_summary(environment, **_):
             json.dump(OUTCOMES.summary(), out, indent=2)
 
 
-def multipart(files: list[tuple[str, tuple[str, bytes, str]]]) -> tuple[bytes, str]:
-    boundary = f"locust{random.getrandbits(64):016x}"
-    parts = []
-    for field, (filename, data, content_type) in files:
-        parts.append(
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\n"
-            f"Content-Type: {content_type}\r\n\r\n".encode() + data + b"\r\n"
-        )
-    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
-
-
 class _Checked(FastHttpUser):
     """FastHttpUser: geventhttpclient costs a fraction of `requests`' CPU per call,
     which matters when the load generator shares the machine with the service."""
@@ -111,7 +101,7 @@ class _Checked(FastHttpUser):
 
     def _post(self, name: str, check, files: list | None = None, **kwargs) -> None:
         if files is not None:  # FastHttpUser (geventhttpclient) has no `files=`: encode multipart here
-            kwargs["data"], content_type = multipart(files)
+            kwargs["data"], content_type = encode_multipart_formdata(files)
             kwargs["headers"] = {"Content-Type": content_type}
         start = time.perf_counter()
         with self.client.post(f"/{name.split(':')[0]}", name=name, catch_response=True, **kwargs) as resp:

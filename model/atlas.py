@@ -99,9 +99,9 @@ def crop_field(image_hwc: np.ndarray, box: tuple[int, int, int, int]) -> np.ndar
 
 
 def build(model: AlexNet, images: torch.Tensor, sources: list[str], normalizer: Normalizer, device: torch.device,
-          dataset: str, progress: bool = True) -> dict[str, bytes]:
+          dataset: str) -> dict[str, bytes]:
     """The atlas files (relative name -> bytes): the JSON index and one PNG sprite per conv layer."""
-    hits = find_top_activations(model, images, normalizer, device, progress=progress)
+    hits = find_top_activations(model, images, normalizer, device)
     table = {row.name: row for row in layer_table(model.cpu())}
     pixels = images.permute(0, 2, 3, 1).numpy()  # HWC for cropping
     index: dict = {"format_version": FORMAT_VERSION, "dataset": dataset, "images": len(images), "top": TOP,

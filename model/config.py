@@ -7,7 +7,7 @@ checkpoint stores this config, so a loaded network is rebuilt exactly.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
 Norm = Literal["none", "lrn", "batchnorm"]
@@ -108,35 +108,44 @@ class Preset:
 # The paper's network (Krizhevsky et al. 2012) as one stream instead of two GPU
 # halves: 96-256-384-384-256 kernels. conv1 uses padding 2 so that a 224x224
 # input gives the paper's 55x55 maps: floor((224 + 4 - 11) / 4) + 1 = 55.
+def _alexnet_stages(widths: tuple[int, int, int, int, int], norm: Norm) -> tuple[ConvStage, ...]:
+    """AlexNet's five conv stages with these widths: 11x11 stride 4, then 5x5, then three 3x3;
+    overlapping 3x3 stride-2 max pools after conv1, conv2 and conv5; `norm` after conv1 and conv2."""
+    c1, c2, c3, c4, c5 = widths
+    return (
+        ConvStage(c1, kernel=11, stride=4, padding=2, norm=norm, pool_kernel=3, pool_stride=2),
+        ConvStage(c2, kernel=5, padding=2, norm=norm, pool_kernel=3, pool_stride=2),
+        ConvStage(c3, kernel=3, padding=1),
+        ConvStage(c4, kernel=3, padding=1),
+        ConvStage(c5, kernel=3, padding=1, pool_kernel=3, pool_stride=2),
+    )
+
+
 ALEXNET = ModelConfig(
     name="alexnet",
     input_size=224,
     num_classes=1000,
-    conv_stages=(
-        ConvStage(96, kernel=11, stride=4, padding=2, norm="lrn", pool_kernel=3, pool_stride=2),
-        ConvStage(256, kernel=5, padding=2, norm="lrn", pool_kernel=3, pool_stride=2),
-        ConvStage(384, kernel=3, padding=1),
-        ConvStage(384, kernel=3, padding=1),
-        ConvStage(256, kernel=3, padding=1, pool_kernel=3, pool_stride=2),
-    ),
+    conv_stages=_alexnet_stages((96, 256, 384, 384, 256), norm="lrn"),
     fc_widths=(4096, 4096),
 )
 
 # torchvision's AlexNet ("One weird trick", Krizhevsky 2014): 64-192-384-256-256
 # kernels and no LRN. Same layer names, so torchvision weights map one to one.
-TORCHVISION = ModelConfig(
-    name="torchvision",
-    input_size=224,
-    num_classes=1000,
-    conv_stages=(
-        ConvStage(64, kernel=11, stride=4, padding=2, pool_kernel=3, pool_stride=2),
-        ConvStage(192, kernel=5, padding=2, pool_kernel=3, pool_stride=2),
-        ConvStage(384, kernel=3, padding=1),
-        ConvStage(256, kernel=3, padding=1),
-        ConvStage(256, kernel=3, padding=1, pool_kernel=3, pool_stride=2),
-    ),
-    fc_widths=(4096, 4096),
-)
+TORCHVISION = replace(ALEXNET, name="torchvision",
+                      conv_stages=_alexnet_stages((64, 192, 384, 256, 256), norm="none"))
+
+def _small_image_stages(conv1: ConvStage, widths: tuple[int, int, int, int]) -> tuple[ConvStage, ...]:
+    """AlexNet's shape for small images: `conv1`, then four 3x3 convs with BatchNorm and 2x2 pools
+    after conv2 and conv5 (a 3x3 kernel with padding 1 keeps the map's size; each pool halves it)."""
+    c2, c3, c4, c5 = widths
+    return (
+        conv1,
+        ConvStage(c2, kernel=3, padding=1, norm="batchnorm", pool_kernel=2, pool_stride=2),
+        ConvStage(c3, kernel=3, padding=1, norm="batchnorm"),
+        ConvStage(c4, kernel=3, padding=1, norm="batchnorm"),
+        ConvStage(c5, kernel=3, padding=1, norm="batchnorm", pool_kernel=2, pool_stride=2),
+    )
+
 
 # The default model: AlexNet's shape (5 convs, 3 pools, 3 FC layers) shrunk for
 # 64x64 inputs so it trains in about a minute on two CPU cores. BatchNorm
@@ -145,12 +154,9 @@ SMALL = ModelConfig(
     name="small",
     input_size=64,
     num_classes=10,
-    conv_stages=(
+    conv_stages=_small_image_stages(
         ConvStage(32, kernel=5, stride=2, padding=2, norm="batchnorm", pool_kernel=2, pool_stride=2),
-        ConvStage(64, kernel=3, padding=1, norm="batchnorm", pool_kernel=2, pool_stride=2),
-        ConvStage(96, kernel=3, padding=1, norm="batchnorm"),
-        ConvStage(96, kernel=3, padding=1, norm="batchnorm"),
-        ConvStage(64, kernel=3, padding=1, norm="batchnorm", pool_kernel=2, pool_stride=2),
+        (64, 96, 96, 64),
     ),
     fc_widths=(256, 256),
     dropout=0.3,
@@ -165,12 +171,9 @@ CIFAR = ModelConfig(
     name="cifar",
     input_size=32,
     num_classes=10,
-    conv_stages=(
+    conv_stages=_small_image_stages(
         ConvStage(32, kernel=3, padding=1, norm="batchnorm", pool_kernel=2, pool_stride=2),
-        ConvStage(64, kernel=3, padding=1, norm="batchnorm", pool_kernel=2, pool_stride=2),
-        ConvStage(96, kernel=3, padding=1, norm="batchnorm"),
-        ConvStage(96, kernel=3, padding=1, norm="batchnorm"),
-        ConvStage(96, kernel=3, padding=1, norm="batchnorm", pool_kernel=2, pool_stride=2),
+        (64, 96, 96, 96),
     ),
     fc_widths=(256, 256),
     dropout=0.1,

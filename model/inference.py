@@ -5,8 +5,11 @@ The service calls this; it knows nothing of HTTP. Two copies of the network:
     BatchNorm folded into the convs, in the serving precision (bf16 where the
     hardware computes it natively; model.precision), channels-last. Batched
     predictions and feature maps come from it.
-  - `reference`: the network as trained, fp32. Gradient methods (Grad-CAM and
-    the attributions) use it: they need exact gradients more than speed.
+  - `reference`: the network as trained, fp32. The attribution methods
+    (Grad-CAM among them, model.attribution) use it: they need exact gradients more than speed.
+    The class and probability they report are still the serving copy's (the
+    same answer /classify gives for the image): only the map comes from the
+    reference, computed for that class.
 Every result leaves as float32 on the CPU, whatever the precision inside.
 
 A semaphore bounds how many forward passes run at once (`parallel`, default
@@ -16,6 +19,7 @@ CPU, torch already spreads one forward over every core.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -26,7 +30,6 @@ import torch
 from model import precision as precisions
 from model.attribution import Attribution, AttributionRequest, attribute
 from model.checkpoint import Checkpoint
-from model.gradcam import ClassActivationMap, grad_cam
 from model.network import STAGES
 from model.optimize import inference_model
 from model.preprocess import Normalizer
@@ -103,16 +106,21 @@ class Predictor:
         """One uint8 (3, S, S) image as the reference network's fp32 input (1, 3, S, S) on the device."""
         return self.normalizer(image.unsqueeze(0).to(self.device)).contiguous(memory_format=torch.channels_last)
 
-    def grad_cam(self, image: torch.Tensor, layer: str, class_index: int | None = None) -> ClassActivationMap:
-        """Grad-CAM of one uint8 (3, S, S) image at a conv layer (fp32 reference, with gradients)."""
-        with self._lock:
-            return grad_cam(self.reference, self.normalized(image), layer, class_index)
+    def served_answer(self, image: torch.Tensor, class_index: int | None = None) -> tuple[int, float]:
+        """(class, probability) of one uint8 (3, S, S) image as the serving copy answers it: the top
+        class, or `class_index` -- the same numbers /classify gives, in the serving precision."""
+        probabilities = self.predict(image.unsqueeze(0)).probabilities[0]
+        target = int(probabilities.argmax()) if class_index is None else class_index
+        return target, float(probabilities[target])
 
     def explain(self, image: torch.Tensor, request: AttributionRequest) -> Attribution:
-        """An attribution map of one uint8 (3, S, S) image (model.attribution; fp32 reference)."""
+        """An attribution map of one uint8 (3, S, S) image (model.attribution; fp32 reference), for
+        the served answer's class; class and probability are the served answer's."""
         request = request.resolved(self.reference)
+        target, probability = self.served_answer(image, request.class_index)
         with self._lock:
-            return attribute(self.reference, self.normalized(image), request)
+            found = attribute(self.reference, self.normalized(image), dataclasses.replace(request, class_index=target))
+        return dataclasses.replace(found, probability=probability)
 
     def kernels(self, layer: str) -> torch.Tensor:
         """A conv layer's weights as learned (out, in, k, k), float32 on CPU (the serving copy is folded)."""

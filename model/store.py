@@ -47,11 +47,13 @@ def register(checkpoint_dir: str | Path, name: str = MODEL_NAME) -> str:
     return str(bento_model.tag)
 
 
-def resolve(tag: str = DEFAULT_TAG) -> Path:
-    """The directory of a model in the store (raises bentoml's NotFound if absent)."""
+def resolve(tag: str = DEFAULT_TAG) -> tuple[Path, str]:
+    """The directory of a model in the store and its full tag (name:version); raises bentoml's
+    NotFound if absent."""
     import bentoml
 
-    return Path(bentoml.models.get(tag).path)
+    stored = bentoml.models.get(tag)
+    return Path(stored.path), str(stored.tag)
 
 
 def has_model(tag: str = DEFAULT_TAG) -> bool:

@@ -16,7 +16,15 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from model.errors import ChannelOutOfRange
 from model.network import AlexNet
+
+
+def check_channels(layer: str, count: int, channels: list[int]) -> None:
+    """Raise ChannelOutOfRange unless every index is one of the layer's `count` channels."""
+    bad = [c for c in channels if not 0 <= c < count]
+    if bad:
+        raise ChannelOutOfRange(f"layer {layer} has channels 0..{count - 1}; out of range: {bad[:10]}")
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,15 @@ class LayerInfo:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def channels(self) -> int:
+        """Channels of a map (C of C, H, W), or entries of a vector."""
+        return self.output_shape[0]
+
+    def check_channels(self, channels: list[int]) -> None:
+        """Raise ChannelOutOfRange unless every index names one of this layer's channels."""
+        check_channels(self.name, self.channels, channels)
 
     def field_of(self, row: int, col: int) -> tuple[int, int, int, int]:
         """(top, left, bottom, right) input pixels unit (row, col) sees; may reach into the padding."""

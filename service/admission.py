@@ -42,6 +42,12 @@ class Admission:
         """Would even a one-image request be refused now? (Checked before the body is read.)"""
         return self.inflight > 0 and (self.inflight + 1) / self.rate > self.budget_seconds
 
+    def load(self) -> float:
+        """Seconds to answer what is admitted, as a fraction of the budget: 1.0 is full (new requests
+        are refused). The one number that says how busy an instance is whatever its speed: the
+        autoscaler's metric (deploy/kubernetes)."""
+        return self.inflight / self.rate / self.budget_seconds
+
     def release(self, images: int) -> None:
         with self._lock:
             self.inflight -= images

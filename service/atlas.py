@@ -19,6 +19,8 @@ from PIL import Image
 
 from model import atlas as atlas_format
 from model.checkpoint import Manifest, read_attached
+from model.errors import UnknownLayer
+from model.summary import check_channels
 from model.visualize import encode_png
 from service.errors import Refusal
 
@@ -44,7 +46,7 @@ class Atlas:
     def _layer(self, layer: str) -> dict:
         layers = self.index["layers"]
         if layer not in layers:
-            raise Refusal(422, "unknown_layer", f"the atlas covers the conv layers {list(layers)}, not {layer!r}")
+            raise UnknownLayer(f"the atlas covers the conv layers {list(layers)}, not {layer!r}")
         return layers[layer]
 
     def _sprite(self, layer: str) -> np.ndarray:
@@ -69,9 +71,7 @@ class Atlas:
     def channel(self, layer: str, channel: int) -> dict:
         """One channel's top patches: a PNG grid (best first, row by row) and each patch's metadata."""
         entry = self._layer(layer)
-        count = len(entry["channels"])
-        if not 0 <= channel < count:
-            raise Refusal(422, "channel_out_of_range", f"layer {layer} has channels 0..{count - 1}")
+        check_channels(layer, len(entry["channels"]), [channel])
         described = entry["channels"][channel]
         tile = entry["tile"]
         row = self._sprite(layer)[channel * tile:(channel + 1) * tile]

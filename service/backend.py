@@ -22,6 +22,7 @@ import anyio
 import numpy as np
 import torch
 
+from model import store
 from model.attribution import AttributionRequest
 from model.checkpoint import CheckpointError, Manifest, load_checkpoint, read_manifest
 from model.inference import NullPredictor, Predictor, configure_cpu_threads
@@ -35,17 +36,15 @@ def locate_model(config: ServiceConfig) -> tuple[Path, str]:
     """The checkpoint directory to serve and its tag: CHECKPOINT_DIR, or MODEL_TAG in the model store."""
     if config.checkpoint_dir:
         return Path(config.checkpoint_dir), f"dir:{Path(config.checkpoint_dir).name}"
-    import bentoml
     from bentoml.exceptions import NotFound
 
     try:
-        stored = bentoml.models.get(config.model_tag)
+        return store.resolve(config.model_tag)
     except (NotFound, ValueError) as err:
         raise SystemExit(
             f"cannot serve: model {config.model_tag!r} is not in the BentoML model store ({err}). "
             "Train and register one with `make default-model`, or set CHECKPOINT_DIR."
         ) from None
-    return Path(stored.path), str(stored.tag)
 
 
 def load_or_exit(path: Path):
@@ -87,18 +86,14 @@ class ModelShape:
 
 @dataclass
 class ExplainResult:
-    class_index: int
-    probability: float
+    """An attribution of one image (model.attribution.Attribution as numpy): /explain's, and
+    /gradcam's, which is /explain with method=gradcam."""
+
+    class_index: int  # the served answer's class (or the one asked for) ...
+    probability: float  # ... and its probability from the serving copy, as /classify gives it
     input_map: np.ndarray  # (S, S) float32
     signed: bool
-    layer_map: np.ndarray | None
-
-
-@dataclass
-class CamResult:
-    class_index: int
-    probability: float
-    layer_map: np.ndarray  # (h, w) float32 in [0, 1]
+    layer_map: np.ndarray | None  # Grad-CAM: at the layer's resolution, in [0, 1]
 
 
 class LocalBackend:
@@ -127,10 +122,6 @@ class LocalBackend:
     async def activations(self, image: np.ndarray, layers: list[str], stage: str) -> dict[str, np.ndarray]:
         found = await anyio.to_thread.run_sync(self.predictor.activations, _chw(image), layers, stage)
         return {name: value.numpy() for name, value in found.items()}
-
-    async def grad_cam(self, image: np.ndarray, layer: str, class_index: int | None) -> CamResult:
-        cam = await anyio.to_thread.run_sync(self.predictor.grad_cam, _chw(image), layer, class_index)
-        return CamResult(cam.class_index, cam.probability, cam.layer_map.numpy())
 
     async def explain(self, image: np.ndarray, request: AttributionRequest) -> ExplainResult:
         found = await anyio.to_thread.run_sync(self.predictor.explain, _chw(image), request)
@@ -173,18 +164,12 @@ class RemoteBackend:
         return await self.batcher.submit(images)
 
     async def activations(self, image: np.ndarray, layers: list[str], stage: str) -> dict[str, np.ndarray]:
-        self.shape_of.check_layers(layers)
+        """`layers` come checked by the endpoint (typed errors cannot cross processes)."""
         return dict(zip(layers, await self.remote.activations(image, layers, stage)))
 
-    async def grad_cam(self, image: np.ndarray, layer: str, class_index: int | None) -> CamResult:
-        self.shape_of.check_conv_layer(layer)
-        self.shape_of.check_class(class_index)
-        cam = await self.remote.grad_cam(image, layer, class_index)
-        return CamResult(cam.class_index, cam.probability, cam.layer_map)
-
     async def explain(self, image: np.ndarray, request: AttributionRequest) -> ExplainResult:
-        request = request.resolved(self.shape_of)  # checked here: typed errors cannot cross processes
-        found = await self.remote.explain(image, **dataclasses.asdict(request))
+        """`request` comes resolved (checked against the model's structure) by the endpoint."""
+        found = await self.remote.explain(image, dataclasses.asdict(request))
         layer_map = found.layer_map if found.layer_map.size else None
         return ExplainResult(found.class_index, found.probability, found.input_map, found.signed, layer_map)
 

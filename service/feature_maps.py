@@ -4,51 +4,65 @@ response -- PNG grids, exact float16 arrays or per-channel statistics."""
 from __future__ import annotations
 
 import base64
+import dataclasses
+from dataclasses import dataclass
 
 import anyio
 import numpy as np
 import torch
 
+from model.network import AlexNet
 from model.summary import LayerInfo
 from model.visualize import encode_png, feature_map_grid
 from service.errors import Refusal
 from service.schemas import ArrayPayload, ChannelStats, LayerFeatureMaps
 
 
-async def feature_maps(backend, layers_table: dict[str, LayerInfo], image: np.ndarray, layers: list[str] | None,
-                       channels: list[int] | None, top_channels: int | None, stage: str, fmt: str,
-                       max_bytes: int) -> tuple[list[LayerFeatureMaps], int]:
-    """The layer bodies of a /feature_maps answer for one decoded image, and their payload bytes."""
-    names = list(dict.fromkeys(layers)) if layers else [n for n, row in layers_table.items() if row.type == "conv"]
-    if channels is not None and top_channels is not None:
-        raise Refusal(400, "ambiguous_channels", "give `channels` or `top_channels`, not both")
-    found = await backend.activations(image, names, stage)
+@dataclass(frozen=True)
+class FeatureMapsRequest:
+    layers: list[str] | None  # names from GET /model; None: every conv layer
+    channels: list[int] | None  # explicit channel indices ...
+    top_channels: int | None  # ... or the N channels with the highest mean activation (None, None: all)
+    stage: str  # pre_relu | post_relu (model.network.STAGES)
+    format: str  # png | array | stats
+
+    def resolved(self, network: AlexNet) -> FeatureMapsRequest:
+        """Defaults filled in and checked against the model's structure: once, before any decoding."""
+        if self.channels is not None and self.top_channels is not None:
+            raise Refusal(400, "ambiguous_channels", "give `channels` or `top_channels`, not both")
+        names = list(dict.fromkeys(self.layers)) if self.layers else network.conv_layers
+        network.check_layers(names)
+        return dataclasses.replace(self, layers=names)
+
+
+async def feature_maps(service, image: np.ndarray, request: FeatureMapsRequest) -> tuple[list[LayerFeatureMaps], int]:
+    """The layer bodies of a /feature_maps answer for one decoded image (`request` resolved), and their
+    payload bytes. `service`: the running service (its backend, layer table and limits)."""
+    names, fmt = request.layers, request.format
+    found = await service.backend.activations(image, names, request.stage)
     activations = {name: torch.from_numpy(found[name]) for name in names}
-    chosen = {n: choose_channels(n, activations[n], channels, top_channels) for n in names}
+    chosen = {n: choose_channels(service.layers[n], activations[n], request) for n in names}
     size = estimated_bytes(activations, chosen, fmt)
+    max_bytes = service.config.max_feature_map_bytes
     if size > max_bytes:
         raise Refusal(422, "response_too_large",
                       f"about {size:,} bytes of {fmt}; the cap is {max_bytes:,}: "
                       "ask for fewer layers, `channels` or `top_channels`")
     bodies = await anyio.to_thread.run_sync(
-        lambda: [layer_payload(layers_table[n], activations[n], chosen[n], fmt) for n in names]
+        lambda: [layer_payload(service.layers[n], activations[n], chosen[n], fmt) for n in names]
     )
     return bodies, sum(len(b.png or "") + len(b.array.data if b.array else "") for b in bodies)
 
 
-def choose_channels(name: str, activation: torch.Tensor, channels: list[int] | None,
-                    top_channels: int | None) -> list[int]:
+def choose_channels(info: LayerInfo, activation: torch.Tensor, request: FeatureMapsRequest) -> list[int]:
     count = activation.shape[0]
-    if channels is not None:
-        bad = [c for c in channels if not 0 <= c < count]
-        if bad:
-            raise Refusal(422, "channel_out_of_range",
-                          f"layer {name} has channels 0..{count - 1}; out of range: {bad[:10]}")
-        return list(dict.fromkeys(channels))  # keep order, drop repeats
-    if top_channels is not None:
+    if request.channels is not None:
+        info.check_channels(request.channels)
+        return list(dict.fromkeys(request.channels))  # keep order, drop repeats
+    if request.top_channels is not None:
         # The channels this image excites most: where the layer "sees" something.
         means = activation.reshape(count, -1).mean(dim=1)
-        return means.topk(min(top_channels, count)).indices.tolist()
+        return means.topk(min(request.top_channels, count)).indices.tolist()
     return list(range(count))
 
 

@@ -20,15 +20,10 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from model.checkpoint import CheckpointError
-from model.errors import ModelRequestError
-from service.errors import Refusal
 from model.visualize import encode_png, kernel_grid
+from service.errors import Refusal, refusal_for
 
 UI_DIR = Path(__file__).parent / "ui"
-
-
-def _error(status: int, reason: str, detail: str) -> JSONResponse:
-    return JSONResponse({"error": reason, "detail": detail}, status_code=status)
 
 
 async def describe_model(service) -> dict:
@@ -77,8 +72,8 @@ async def kernels(request: Request) -> Response:
     layer = request.query_params.get("layer", "conv1")
     try:
         weight = torch.from_numpy(await service.backend.kernels(layer))
-    except ModelRequestError as err:
-        return _error(422, err.reason, str(err))
+    except Exception as err:
+        return _refused(err, service)
     png = await anyio.to_thread.run_sync(lambda: encode_png(kernel_grid(weight)))
     return Response(png, media_type="image/png", headers={"Cache-Control": "no-cache"})
 
@@ -92,14 +87,22 @@ async def atlas(request: Request) -> Response:
         if channel is None:
             body = service.atlas.summary(layer)
         elif not channel.lstrip("-").isdigit():
-            return _error(400, "invalid_channel", f"channel must be an integer, not {channel[:40]!r}")
+            raise Refusal(400, "invalid_channel", f"channel must be an integer, not {channel[:40]!r}")
         else:
             body = await anyio.to_thread.run_sync(service.atlas.channel, layer, int(channel))
-    except Refusal as refusal:
-        return refusal.response()
     except CheckpointError as err:  # tampered or missing since the service started
-        return _error(500, "atlas_unreadable", str(err))
+        return Refusal(500, "atlas_unreadable", str(err)).response()
+    except Exception as err:
+        return _refused(err, service)
     return JSONResponse(body)
+
+
+def _refused(err: Exception, service) -> Response:
+    """A refusal's answer (service.errors, as the POST endpoints give it); anything else is a fault."""
+    refusal = refusal_for(err, service.config.retry_after_s)
+    if refusal is None:
+        raise err
+    return refusal.response()
 
 
 async def ui_root(request: Request) -> Response:

@@ -10,6 +10,8 @@ the model's class names).
 
 from __future__ import annotations
 
+from service.endpoints import INFERENCE
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
@@ -48,6 +50,14 @@ class ServiceMetrics:
             "cnn_model_info", "The loaded model (value is always 1).",
             ["tag", "preset", "sha256", "device", "dtype"], multiprocess_mode="livemax",
         )
+        # Per worker process; a pod's figure is the sum (images) or the largest (load) over its workers.
+        self.inflight_images = prom.Gauge("cnn_inflight_images", "Images admitted and not yet answered.",
+                                          multiprocess_mode="livesum")
+        self.admission_load = prom.Gauge(
+            "cnn_admission_load",
+            "Predicted time to answer the admitted images over the latency budget (1 = full: refusing).",
+            multiprocess_mode="livemax",
+        )
         self.gpu_allocated = prom.Gauge("cnn_gpu_memory_allocated_bytes", "GPU memory held by tensors.",
                                         multiprocess_mode="livemax")
         self.gpu_reserved = prom.Gauge("cnn_gpu_memory_reserved_bytes", "GPU memory reserved by the allocator.",
@@ -55,22 +65,25 @@ class ServiceMetrics:
         self.gpu_total = prom.Gauge("cnn_gpu_memory_total_bytes", "GPU memory on the device (0 on a CPU).",
                                     multiprocess_mode="livemax")
 
-        for endpoint in ("classify", "embed", "feature_maps", "gradcam", "explain"):
-            self.images.labels(endpoint)  # series exist at 0 from the start: "no traffic" is visible
+        for endpoint in INFERENCE:
+            self.images.labels(endpoint.label)  # series exist at 0 from the start: "no traffic" is visible
 
     def announce_model(self, tag: str, predictor, device_type: str) -> None:
         """cnn_model_info for the Predictor this worker loaded (API worker or model worker)."""
         manifest = predictor.manifest
         self.model_info.labels(tag, manifest.preset, manifest.weights_sha256, device_type, predictor.dtype_name).set(1)
 
+    def observe_admission(self, admission) -> None:
+        self.inflight_images.set(admission.inflight)
+        self.admission_load.set(admission.load())
+
     def observe_batch(self, size: int, forward_seconds: float) -> None:
         self.batch_size.labels(self.device).observe(size)
         self.forward_seconds.labels("batch", self.device).observe(forward_seconds)
 
-    def observe_predictions(self, endpoint: str, top_labels: list[str], top_probabilities: list[float]) -> None:
-        self.images.labels(endpoint).inc(len(top_labels))
-        if endpoint != "classify":
-            return
+    def observe_predictions(self, top_labels: list[str], top_probabilities: list[float]) -> None:
+        """/classify's answers: images, top-1 class and its probability."""
+        self.images.labels("classify").inc(len(top_labels))
         for label, probability in zip(top_labels, top_probabilities):
             self.predictions.labels(label).inc()
             self.confidence.observe(probability)

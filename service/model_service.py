@@ -40,13 +40,6 @@ class ExplainPayload(BaseModel):
     layer_map: np.ndarray  # empty (0, 0) for the methods without one: BentoML's schemas take no `ndarray | None`
 
 
-class CamPayload(BaseModel):
-    model_config = ConfigDict(arbitrary_types_allowed=True)
-    class_index: int
-    probability: float
-    layer_map: np.ndarray
-
-
 def _device_for_worker() -> torch.device:
     """Worker i of n takes GPU (i - 1) mod gpus: one model worker per GPU (BentoML numbers workers from 1)."""
     if LAYOUT.gpus == 0 or CONFIG.device == "cpu":
@@ -59,7 +52,7 @@ def _device_for_worker() -> torch.device:
 @bentoml.service(
     name="cnn_model",
     workers=LAYOUT.model_workers or 1,
-    threads=CONFIG.forward_threads + 2,  # batched forwards, plus feature maps / Grad-CAM beside them
+    threads=CONFIG.forward_threads + 2,  # batched forwards, plus feature maps / attributions beside them
     resources={"gpu": LAYOUT.gpus} if LAYOUT.gpus else {"cpu": "1"},
     traffic={"timeout": CONFIG.request_timeout_s},
     logging={"access": {"enabled": False}},  # one access-log line per client request: the API worker's
@@ -93,14 +86,9 @@ class ModelService:
         return [found[name].numpy() for name in layers]
 
     @bentoml.api
-    def grad_cam(self, image: np.ndarray, layer: str, class_index: int | None = None) -> CamPayload:
-        cam = self.predictor.grad_cam(torch.from_numpy(image).permute(2, 0, 1), layer, class_index)
-        return CamPayload(class_index=cam.class_index, probability=cam.probability, layer_map=cam.layer_map.numpy())
-
-    @bentoml.api
-    def explain(self, image: np.ndarray, method: str, class_index: int | None = None, layer: str | None = None,
-                window: int | None = None, stride: int | None = None, steps: int = 16) -> ExplainPayload:
-        request = AttributionRequest(method, class_index, layer, window, stride, steps)
+    def explain(self, image: np.ndarray, request: dict) -> ExplainPayload:
+        """`request`: a resolved model.attribution.AttributionRequest's fields."""
+        request = AttributionRequest(**request)
         found = self.predictor.explain(torch.from_numpy(image).permute(2, 0, 1), request)
         return ExplainPayload(class_index=found.class_index, probability=found.probability,
                               input_map=found.input_map.numpy(), signed=found.signed,

@@ -1,13 +1,16 @@
 """Rewrites of responses on their way out: uniform error bodies, and the
 OpenAPI spec amended with what BentoML cannot know (the /ui link, the
-refusals our guards return). Pure ASGI `send` wrappers, used by
-service.middleware.
+refusals our guards return, read from service.endpoints). Pure ASGI `send`
+wrappers, used by service.guards.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from importlib import metadata
+
+from service import endpoints
 
 logger = logging.getLogger(__name__)
 
@@ -220,7 +223,7 @@ def valid_openapi_31(spec: dict) -> dict:
     return spec
 
 
-def amend_docs(send, inference_paths: tuple[str, ...]):
+def amend_docs(send):
     """The OpenAPI spec, amended: valid OpenAPI 3.1 (valid_openapi_31), a link to /ui
     (BentoML's page at / shows this description), the refusals the inference endpoints
     really return, and the GET endpoints BentoML does not know of."""
@@ -232,16 +235,27 @@ def amend_docs(send, inference_paths: tuple[str, ...]):
             spec = json.loads(body)
         except ValueError:
             return body
-        spec.setdefault("info", {})["description"] = UI_LINK + spec["info"].get("description", "")
+        info = spec.setdefault("info", {})
+        info["description"] = UI_LINK + info.get("description", "")
+        info["version"] = _version()  # BentoML writes the bento's version, "None" when served from a checkout
         paths = spec.setdefault("paths", {})
-        for path in inference_paths:
-            operation = paths.get(path, {}).get("post")
+        for endpoint in endpoints.INFERENCE:
+            operation = paths.get(endpoint.path, {}).get("post")
             if operation is None:
                 continue
             for code, description in ERROR_RESPONSES.items():
+                if code == "503":
+                    description = f"{description}. Admission charges a request {endpoint.cost}"
                 operation["responses"].setdefault(code, {"description": description, "content": _ERROR_BODY})
         paths.update(INTROSPECTION_PATHS)
-        declare_json_bodies(spec, inference_paths)
+        declare_json_bodies(spec, tuple(endpoint.path for endpoint in endpoints.INFERENCE))
         return json.dumps(valid_openapi_31(spec)).encode()
 
     return _rewrite_body(send, transform)
+
+
+def _version() -> str:
+    try:
+        return metadata.version("cnn-serving")
+    except metadata.PackageNotFoundError:  # run from a copy that was never installed
+        return "unknown"

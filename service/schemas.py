@@ -6,14 +6,13 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-Stage = Literal["pre_relu", "post_relu"]
+from model.attribution import METHODS
+from model.network import STAGES
+
+# The allowed values come from model/, which owns them; only the response formats are the service's.
+Stage = Literal[STAGES]
+ExplainMethod = Literal[METHODS]
 FeatureFormat = Literal["png", "array", "stats"]
-ExplainMethod = Literal["gradcam", "guided_backprop", "deconvolution", "occlusion", "integrated_gradients"]
-
-
-class ErrorBody(BaseModel):
-    error: str = Field(description="stable reason code, e.g. not_an_image, unknown_layer, overloaded")
-    detail: str = Field(description="what was wrong, for people")
 
 
 class LabelScore(BaseModel):

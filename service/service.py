@@ -23,11 +23,9 @@ from typing import Annotated
 import bentoml
 import numpy as np
 import torch
-from bentoml.exceptions import ServiceUnavailable
 from pydantic import Field
 
 from model.attribution import MAX_STEPS, AttributionRequest
-from model.errors import ModelRequestError
 from model.inference import pick_device
 from model.preprocess import DecodeLimits
 from service import feature_maps as maps
@@ -38,11 +36,11 @@ from service.atlas import Atlas
 from service.backend import LocalBackend, ModelShape, RemoteBackend, build_predictor, load_or_exit, locate_model
 from service.config import CONFIG, Layout
 from service.decoding import Decoder
-from service.errors import Refusal
+from service.errors import Refusal, refusal_for
+from service.guards import add_guards
 from service.inputs import collect_payloads
 from service.introspection import introspection_app
 from service.metrics import ServiceMetrics
-from service.middleware import GuardMiddleware
 from service.schemas import (
     ClassifyResponse, EmbedResponse, ExplainMethod, ExplainResponse, FeatureFormat, FeatureMapsResponse,
     GradCamResponse, ImagePrediction, LabelScore, Stage,
@@ -167,14 +165,19 @@ class CNNService:
         little-endian, C order) or `stats` (mean, max, fraction of zeros per
         channel). Responses are capped at MAX_FEATURE_MAP_BYTES (8 MiB by
         default): ask for fewer layers or channels beyond that."""
-        async def work(pixels: np.ndarray) -> FeatureMapsResponse:
-            bodies, size = await maps.feature_maps(self.backend, self.layers, pixels, layers, channels, top_channels,
-                                                   stage, format, self.config.max_feature_map_bytes)
-            self.metrics.feature_map_bytes.labels(format).inc(size)
-            return FeatureMapsResponse(model=self.model_tag, stage=stage, format=format, input_size=self.input_size,
-                                       layers=bodies)
+        async def run() -> FeatureMapsResponse:
+            request = maps.FeatureMapsRequest(layers, channels, top_channels, stage, format)
+            request = request.resolved(self.backend.shape_of)
 
-        return await self._guarded("feature_maps", self._on_one_image("feature_maps", image, image_base64, work))
+            async def work(pixels: np.ndarray) -> FeatureMapsResponse:
+                bodies, size = await maps.feature_maps(self, pixels, request)
+                self.metrics.feature_map_bytes.labels(format).inc(size)
+                return FeatureMapsResponse(model=self.model_tag, stage=stage, format=format,
+                                           input_size=self.input_size, layers=bodies)
+
+            return await self._on_one_image("feature_maps", image, image_base64, work)
+
+        return await self._guarded("feature_maps", run())
 
     @bentoml.api(route="/gradcam")
     async def gradcam(
@@ -188,11 +191,8 @@ class CNNService:
         Selvaraju et al. 2017): the maps of a conv `layer` (default: the last),
         weighted by how much each raises the class score. `class_index`
         (default: the top-1 class) picks the class to explain."""
-        async def work(pixels: np.ndarray) -> GradCamResponse:
-            return await gradcam_image(self.backend, self.layers, self.manifest.class_names, self.model_tag,
-                                         self.input_size, pixels, layer, class_index)
-
-        return await self._guarded("gradcam", self._on_one_image("gradcam", image, image_base64, work))
+        request = AttributionRequest("gradcam", class_index, layer)
+        return await self._guarded("gradcam", self._attribution("gradcam", image, image_base64, request, gradcam_image))
 
     @bentoml.api(route="/explain")
     async def explain(
@@ -211,17 +211,8 @@ class CNNService:
         (Zeiler & Fergus), `occlusion` (a gray `window` slid with `stride` over the input; at most
         64 positions) or `integrated_gradients` (`steps` points from a gray image). For the top
         class, or `class_index`. Returns the map at the input's size (float16) and a PNG overlay."""
-        async def run() -> ExplainResponse:
-            request = AttributionRequest(method, class_index, layer, window, stride, steps)
-            request = request.resolved(self.backend.shape_of)  # 4xx before any decoding
-
-            async def work(pixels: np.ndarray) -> ExplainResponse:
-                return await explain_image(self.backend, self.manifest.class_names, self.model_tag, self.input_size,
-                                           pixels, request)
-
-            return await self._on_one_image("explain", image, image_base64, work, cost=request.cost(self.input_size))
-
-        return await self._guarded("explain", run())
+        request = AttributionRequest(method, class_index, layer, window, stride, steps)
+        return await self._guarded("explain", self._attribution("explain", image, image_base64, request, explain_image))
 
     # ----- implementation ---------------------------------------------------
 
@@ -229,25 +220,33 @@ class CNNService:
         """Run an endpoint's work; refusals (ours, and the model's typed ones) become 4xx answers."""
         try:
             return await work
-        except ModelRequestError as err:
-            refusal = Refusal(422, err.reason, str(err))
-        except Refusal as err:
-            refusal = err
-        except ServiceUnavailable:  # the model service shed it: it would have missed the latency budget
-            refusal = Refusal(503, "overloaded", "the model is at capacity; retry shortly",
-                              {"Retry-After": str(self.config.retry_after_s)})
+        except Exception as err:
+            refusal = refusal_for(err, self.config.retry_after_s)
+            if refusal is None:
+                raise
         self.metrics.refusals.labels(endpoint, refusal.reason).inc()
         return refusal.response()
+
+    async def _attribution(self, endpoint: str, image, image_base64, request: AttributionRequest, respond):
+        """/explain and /gradcam: the request resolved (defaults filled in, checked against the model) once,
+        before any decoding; admitted at its cost; `respond(service, pixels, request)` shapes the answer."""
+        request = request.resolved(self.backend.shape_of)
+
+        async def work(pixels: np.ndarray):
+            return await respond(self, pixels, request)
+
+        return await self._on_one_image(endpoint, image, image_base64, work, cost=request.cost(self.input_size))
 
     @contextlib.asynccontextmanager
     async def _admitted(self, images: int):
         if not self.admission.try_admit(images):
-            raise Refusal(503, "overloaded", "the model is at capacity; retry shortly",
-                          {"Retry-After": str(self.config.retry_after_s)})
+            raise Refusal.overloaded(self.config.retry_after_s)
+        self.metrics.observe_admission(self.admission)
         try:
             yield
         finally:
             self.admission.release(images)
+            self.metrics.observe_admission(self.admission)
 
     async def _decode(self, endpoint: str, payloads: list[bytes]) -> np.ndarray:
         return await self.decoder.decode(payloads, self.metrics.preprocess_seconds.labels(endpoint, self.metrics.device))
@@ -266,7 +265,7 @@ class CNNService:
         if normalize:
             embeddings = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
         self.metrics.images.labels("embed").inc(len(embeddings))
-        return EmbedResponse(model=self.model_tag, layer=list(self.layers)[-2], dim=embeddings.shape[1],
+        return EmbedResponse(model=self.model_tag, layer=self.backend.shape_of.embedding_layer, dim=embeddings.shape[1],
                              normalized=normalize, embeddings=embeddings.tolist())
 
     async def _on_one_image(self, endpoint: str, image, image_base64, work, cost: int = 1):
@@ -290,7 +289,7 @@ class CNNService:
                                    for i, p in zip(row.tolist(), values.tolist())])
             for row, values in zip(order, scores)
         ]
-        self.metrics.observe_predictions("classify", [names[int(i)] for i in order[:, 0]], scores[:, 0].tolist())
+        self.metrics.observe_predictions([names[int(i)] for i in order[:, 0]], scores[:, 0].tolist())
         return ClassifyResponse(model=self.model_tag, predictions=predictions)
 
     def _observe_batch(self, images: int, forward_seconds: float) -> None:
@@ -299,7 +298,4 @@ class CNNService:
             self.metrics.observe_batch(images, forward_seconds)
 
 
-CNNService.add_asgi_middleware(
-    GuardMiddleware, max_body_bytes=CONFIG.max_body_bytes, api_key=CONFIG.api_key,
-    retry_after_s=CONFIG.retry_after_s,
-)
+add_guards(CNNService, CONFIG)

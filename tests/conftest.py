@@ -5,14 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-# Small enough for seconds on 2 CPU cores, big enough to learn well above chance (1/12).
-TINY_TRAIN = ["--data", "shapes", "--preset", "small", "--shapes-per-class", "96", "--batch-size", "32"]
-ATLAS_PER_CLASS = 20  # the tiny run's atlas: 240 generated test images
+from testkit.models import ATLAS_PER_CLASS, TINY_TRAIN
+from testkit.server import API_KEY, ROOT, start_server
 
 
 @pytest.fixture(scope="session")
@@ -59,14 +58,6 @@ def registered_model(tiny_run, run_cli) -> str:
     return result.stdout.strip().split()[-1]
 
 
-def start_server(env: dict[str, str], log_dir: Path, **extra_env: str):
-    from loadtests.server import ServerProcess
-
-    server = ServerProcess({**env, **extra_env}, log_dir / "server.log")
-    server.wait_ready()
-    return server
-
-
 @pytest.fixture(scope="session")
 def server(cli_env, registered_model, tmp_path_factory):
     """The real service, serving the tiny model from the (private) model store."""
@@ -74,9 +65,6 @@ def server(cli_env, registered_model, tmp_path_factory):
     server = start_server(cli_env, log_dir, MAX_BODY_BYTES=str(3 * 1024 * 1024), MAX_IMAGES_PER_REQUEST="16")
     yield server
     server.stop()
-
-
-API_KEY = "s3cret-key"
 
 
 @pytest.fixture(scope="session")
@@ -87,16 +75,68 @@ def secured_server(cli_env, registered_model, tmp_path_factory):
     server.stop()
 
 
-def serve_until_exit(env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
-    """`bentoml serve` for a start-up that must fail; a private home keeps the
-    session server's metrics directory intact (see loadtests.server.private_home)."""
-    import shutil
+# ----- the precision a server computes in ----------------------------------------------------
 
-    from loadtests.server import free_port, private_home
+FP32_PROBABILITY_TOLERANCE = 1e-5  # two fp32 computations of one probability (summation order only)
 
-    env, home = private_home(env)
-    try:
-        return subprocess.run([str(Path(sys.executable).parent / "bentoml"), "serve", ".", "--port", str(free_port())],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    finally:
-        shutil.rmtree(home, ignore_errors=True)
+
+@dataclass(frozen=True)
+class ServedPrecision:
+    """What a running server computes in (PRECISION=auto picks per machine: bf16 where the CPU has
+    it natively and the checkpoint's recorded agreement allows, else fp32; PRECISION=fp32|bf16
+    forces one), and how far two computations of the same probability may differ in it.
+
+    Tests that compare numbers across endpoints, processes or paths ask the server which
+    precision it chose, compute their expectation in the same one, and allow that precision's
+    tolerance: fp32's rounding, or for a reduced precision the largest probability difference
+    the checkpoint recorded against fp32 on its test split (a bound on the scale of bf16's
+    rounding for this model; two bf16 computations differ far less than bf16 and fp32)."""
+
+    name: str  # fp32 | bf16 | fp16
+    probability_tolerance: float
+
+    @classmethod
+    def of(cls, url: str, manifest) -> ServedPrecision:
+        import httpx
+
+        name = httpx.get(f"{url}/model", timeout=30).json()["precision"]["name"]
+        if name == "fp32":
+            return cls(name, FP32_PROBABILITY_TOLERANCE)
+        recorded = (manifest.training.get("precision_agreement") or {}).get(name)
+        assert recorded, f"the checkpoint records no {name} agreement with fp32"
+        return cls(name, max(FP32_PROBABILITY_TOLERANCE, recorded["max_probability_difference"]))
+
+    def predictor(self, checkpoint):
+        """The checkpoint in this process, computing as the server does."""
+        import torch
+
+        from model.inference import Predictor
+
+        return Predictor(checkpoint, torch.device("cpu"), self.name)
+
+
+@pytest.fixture(scope="session")
+def served_precision(server, tiny_run) -> ServedPrecision:
+    from model.checkpoint import read_manifest
+
+    return ServedPrecision.of(server.url, read_manifest(tiny_run))
+
+
+@pytest.fixture(scope="module", params=["fp32", "bf16"])
+def server_in_each_precision(request, server, cli_env, tiny_run, tmp_path_factory) -> tuple:
+    """The real service computing in fp32, then in bf16 (whatever PRECISION=auto picks on this
+    machine, both are tested): the session's server where it already computes in that precision,
+    else one started with PRECISION forced. bf16 runs on any CPU (emulated, slower, without
+    AVX-512 BF16 or AMX)."""
+    from model.checkpoint import read_manifest
+
+    manifest = read_manifest(tiny_run)
+    if ServedPrecision.of(server.url, manifest).name == request.param:
+        yield server, ServedPrecision.of(server.url, manifest)
+        return
+    other = start_server(cli_env, tmp_path_factory.mktemp(f"server_{request.param}"), PRECISION=request.param,
+                         API_WORKERS="1")
+    precision = ServedPrecision.of(other.url, manifest)
+    assert precision.name == request.param
+    yield other, precision
+    other.stop()

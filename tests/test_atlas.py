@@ -17,7 +17,7 @@ from model.atlas import INDEX_FILE, MAX_TILE, TOP
 from model.checkpoint import CheckpointError, load_checkpoint
 from model.preprocess import Normalizer
 from model.summary import layer_table
-from tests.conftest import ATLAS_PER_CLASS
+from testkit.models import ATLAS_PER_CLASS
 from training.shapes import generate
 
 pytestmark = pytest.mark.slow
@@ -118,7 +118,7 @@ def test_atlas_refusals(server, params, status, reason):
 
 def test_a_model_without_an_atlas_answers_404_with_the_reason(cli_env, tiny_run, tmp_path):
     from model.checkpoint import read_manifest, write_manifest
-    from tests.conftest import start_server
+    from testkit.server import start_server
 
     bare = tmp_path / "bare"
     shutil.copytree(tiny_run, bare)

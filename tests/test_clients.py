@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from bentoml.exceptions import BentoMLException
 
-from tests.conftest import ROOT
-from tests.images import encode, shape_image, shape_png
+from testkit.images import encode, shape_image, shape_png
+from testkit.server import ROOT
 
 pytestmark = pytest.mark.slow
 README = (ROOT / "README.md").read_text()

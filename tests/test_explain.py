@@ -16,7 +16,7 @@ from model.attribution import METHODS, AttributionRequest, attribute
 from model.config import get_preset
 from model.errors import ClassOutOfRange, ModelRequestError, UnknownLayer
 from model.network import AlexNet
-from tests.images import encode, shape_png
+from testkit.images import encode, shape_png
 
 
 @pytest.fixture(scope="module")

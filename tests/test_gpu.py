@@ -29,6 +29,7 @@ def _checkpoint(preset: str):
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("preset", ["small", "alexnet"])
 def test_model_on_the_gpu_in_each_precision(preset, precision):
+    from model.attribution import AttributionRequest
     from model.inference import Predictor
 
     size = 64 if preset == "small" else 224
@@ -41,7 +42,7 @@ def test_model_on_the_gpu_in_each_precision(preset, precision):
     torch.testing.assert_close(out.probabilities, reference.probabilities, atol=tolerance, rtol=0)
     maps = predictor.activations(images[0], ["conv1", "conv5"], "pre_relu")
     assert maps["conv1"].dtype == torch.float32 and maps["conv5"].dim() == 3
-    cam = predictor.grad_cam(images[0], "conv5")
+    cam = predictor.explain(images[0], AttributionRequest("gradcam", layer="conv5"))
     assert torch.isfinite(cam.layer_map).all() and 0 <= cam.probability <= 1
 
 
@@ -49,10 +50,10 @@ def test_jpegs_decode_on_the_gpu_to_the_cpu_pixels():
     import anyio
     from PIL import Image
 
-    from loadtests.images import photos
     from model.config import get_preset
     from model.preprocess import DecodeLimits, load_pixels
     from service.decoding import Decoder
+    from testkit.images import photos
 
     class Timer:
         def observe(self, seconds):
@@ -72,7 +73,7 @@ def test_jpegs_decode_on_the_gpu_to_the_cpu_pixels():
 
 @pytest.fixture(scope="module")
 def gpu_server(cli_env, registered_model, tmp_path_factory):
-    from tests.conftest import start_server
+    from testkit.server import start_server
 
     server = start_server(cli_env, tmp_path_factory.mktemp("gpu"), DEVICE="cuda")
     yield server
@@ -82,8 +83,8 @@ def gpu_server(cli_env, registered_model, tmp_path_factory):
 def test_served_on_the_gpu_end_to_end_with_memory_gauges(gpu_server):
     import httpx
 
-    from tests.images import shape_png
-    from tests.test_service import metric_samples, metric_sum
+    from testkit.images import shape_png
+    from testkit.metrics import metric_samples, metric_sum
 
     files = [("images", (f"{i}.png", shape_png(i), "image/png")) for i in range(4)]
     response = httpx.post(f"{gpu_server.url}/classify", files=files, timeout=60)

@@ -59,7 +59,7 @@ def test_overload_sheds_fast_and_recovers(run_cli, tmp_path):
 def test_speed_gates_are_kept_for_make_loadtest():
     """The tight figures did not vanish: `--gates all` (what make loadtest-overload runs) still has them."""
     from loadtests.__main__ import load_scenario
-    from loadtests.server import ROOT
+    from testkit.server import ROOT
 
     full = load_scenario(ROOT / "loadtests" / "slo.toml", "overload", [], "all")
     behaviour = load_scenario(ROOT / "loadtests" / "slo.toml", "overload", [], "behaviour")

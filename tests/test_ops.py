@@ -11,9 +11,8 @@ import httpx
 import pytest
 import yaml
 
-from loadtests.server import free_port
-from tests.conftest import ROOT
-from tests.images import shape_png
+from testkit.images import shape_png
+from testkit.server import ROOT, free_port
 
 OPS = ROOT / "ops"
 PROMTOOL = shutil.which("promtool")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from testkit.server import ROOT
 
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
 

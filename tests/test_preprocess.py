@@ -1,8 +1,6 @@
 """The shared preprocessing path: every accepted format, every refusal."""
 
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -13,12 +11,7 @@ from model.config import get_preset
 from model.preprocess import (
     DecodeLimits, ImageRejected, Normalizer, decode_image, decode_pixels, load_image, load_pixels, resize_and_crop,
 )
-
-
-def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **kwargs)
-    return buffer.getvalue()
+from testkit.images import encode, png_header_only
 
 
 def gradient(width=40, height=30) -> Image.Image:
@@ -117,16 +110,6 @@ def test_normalizer_matches_formula():
     out = Normalizer(prep)(batch)
     expected = (128 / 255 - torch.tensor(prep.mean)) / torch.tensor(prep.std)
     torch.testing.assert_close(out[0, :, 0, 0], expected)
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG that claims width x height but carries almost no data: a decompression bomb's header."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 @pytest.mark.parametrize(

@@ -14,10 +14,9 @@ import httpx
 import psutil
 import pytest
 
-from loadtests.server import ROOT, ServerProcess, process_kind
-from tests.conftest import serve_until_exit
-from tests import corpus
-from tests.images import shape_png
+from testkit import corpus
+from testkit.images import shape_png
+from testkit.server import ROOT, ServerProcess, process_kind, serve_until_exit
 
 pytestmark = pytest.mark.slow
 MAX_BODY = 3 * 1024 * 1024  # the session server's MAX_BODY_BYTES (conftest)
@@ -154,7 +153,7 @@ def _is_worker(pid: int) -> bool:
 
 
 def test_sigterm_drains_in_flight_requests(own_server, tmp_path):
-    from loadtests.__main__ import untrained_checkpoint
+    from testkit.models import untrained_checkpoint
 
     # A slow model (AlexNet in fp32, one image per forward) and 8 requests of 8 images: about a
     # second of work, so requests are really in flight when SIGTERM lands. One API worker: the

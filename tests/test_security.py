@@ -9,9 +9,9 @@ import tomllib
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from testkit.server import ROOT
 
-PACKAGES = ("model", "training", "service", "loadtests")
+PACKAGES = ("model", "training", "service", "loadtests", "testkit")
 SOURCES = sorted(path for package in PACKAGES for path in (ROOT / package).rglob("*.py"))
 # Modules that unpickle (or run code from) what they read.
 UNSAFE_MODULES = {"pickle", "cPickle", "dill", "joblib", "shelve", "marshal", "cloudpickle"}

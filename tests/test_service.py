@@ -14,37 +14,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
 from model.checkpoint import load_checkpoint
-from model.inference import Predictor
 from model.precision import resolve as resolve_precision
 from model.preprocess import load_image
-from tests.conftest import serve_until_exit
-from tests.images import encode, shape_image, shape_png
-from tests.test_preprocess import png_header_only
+from service.config import ServiceConfig
+from testkit.images import b64, encode, png_header_only, shape_image, shape_png
+from testkit.metrics import metric_samples, metric_sum
+from testkit.server import serve_until_exit
 
 pytestmark = pytest.mark.slow
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def metric_samples(url: str) -> dict[tuple[str, tuple], float]:
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
-
-
-def metric_sum(samples: dict, name: str, **labels) -> float:
-    return sum(
-        value for (sample_name, sample_labels), value in samples.items()
-        if sample_name == name and all(dict(sample_labels).get(k) == v for k, v in labels.items())
-    )
 
 
 # ----- classification ------------------------------------------------------------
@@ -63,17 +42,18 @@ def test_classify_json_base64_returns_top_k_sorted(server, tiny_run):
     assert all(classes[s["index"]] == s["label"] for s in scores)
 
 
-def test_classify_matches_in_process_model(server, tiny_run):
-    """The service's answer is the checkpoint's own prediction through the shared preprocessing."""
+def test_classify_matches_in_process_model(server, tiny_run, served_precision):
+    """The service's answer is the checkpoint's own prediction through the shared preprocessing,
+    computed here in the precision the server computes in."""
     checkpoint = load_checkpoint(tiny_run)
     data = encode(shape_image(7, size=90), "JPEG", quality=90)
-    expected = Predictor(checkpoint, torch.device("cpu"), "auto").predict(  # the server's default precision
+    expected = served_precision.predictor(checkpoint).predict(
         load_image(data, checkpoint.manifest.preprocessing).unsqueeze(0)
     ).probabilities[0]
     body = httpx.post(f"{server.url}/classify", json={"images_base64": [b64(data)], "top_k": 12}, timeout=30).json()
     served = {s["index"]: s["probability"] for s in body["predictions"][0]["top_k"]}
     for index, probability in served.items():
-        assert probability == pytest.approx(expected[index].item(), abs=1e-5)
+        assert probability == pytest.approx(expected[index].item(), abs=served_precision.probability_tolerance)
 
 
 def test_classify_multipart_many_images_default_top_5(server):
@@ -120,20 +100,24 @@ def test_feature_maps_png_grid_per_conv_layer_by_default(server):
     assert grid.format == "PNG" and grid.width >= 6 * 32  # 32 tiles: a 6x6 grid of 32-px tiles
 
 
-def test_feature_maps_array_is_exact_float16(server, tiny_run):
+def test_feature_maps_array_is_exact_float16(server, tiny_run, served_precision):
+    """The float16 payload holds the serving copy's activations (computed here in the server's
+    precision) to float16's rounding (bf16 values convert to float16 exactly)."""
     data = shape_png(3)
     body = httpx.post(f"{server.url}/feature_maps", json={
         "image_base64": b64(data), "layers": ["conv2", "fc7"], "channels": [0, 5], "format": "array",
         "stage": "pre_relu",
     }, timeout=30).json()
     checkpoint = load_checkpoint(tiny_run)
-    local = Predictor(checkpoint, torch.device("cpu"), "auto").activations(
+    local = served_precision.predictor(checkpoint).activations(
         load_image(data, checkpoint.manifest.preprocessing), ["conv2", "fc7"], "pre_relu")
     for layer in body["layers"]:
         array = layer["array"]
         values = np.frombuffer(base64.b64decode(array["data"]), dtype="<f2").reshape(array["shape"])
-        expected = local[layer["layer"]][[0, 5]].numpy().astype(np.float16)
-        np.testing.assert_allclose(values.astype(np.float32), expected.astype(np.float32), rtol=1e-3, atol=1e-3)
+        expected = local[layer["layer"]][[0, 5]].numpy().astype(np.float16).astype(np.float32)
+        # float16's rounding; in bf16 also one bf16 step (2^-7) where the two computations round apart
+        step = 1e-3 if served_precision.name == "fp32" else 2 ** -7
+        np.testing.assert_allclose(values.astype(np.float32), expected, rtol=step, atol=step * max(1, np.abs(expected).max()))
     assert (np.frombuffer(base64.b64decode(body["layers"][0]["array"]["data"]), dtype="<f2") < 0).any()
 
 
@@ -166,7 +150,7 @@ def test_feature_maps_refusals(server, payload, status, reason):
 # ----- Grad-CAM --------------------------------------------------------------------------
 
 
-def test_gradcam_explains_the_top_class_with_a_heat_map(server, tiny_run):
+def test_gradcam_explains_the_top_class_with_a_heat_map(server, tiny_run, served_precision):
     data = shape_png(5)
     classified = httpx.post(f"{server.url}/classify", json={"images_base64": [b64(data)], "top_k": 1},
                             timeout=30).json()["predictions"][0]["top_k"][0]
@@ -174,7 +158,8 @@ def test_gradcam_explains_the_top_class_with_a_heat_map(server, tiny_run):
     assert response.status_code == 200, response.text
     body = response.json()
     assert (body["layer"], body["class_index"], body["label"]) == ("conv5", classified["index"], classified["label"])
-    assert body["probability"] == pytest.approx(classified["probability"], abs=1e-5)
+    # the served answer: the same probability as /classify's, whatever the precision (README: /gradcam)
+    assert body["probability"] == pytest.approx(classified["probability"], abs=served_precision.probability_tolerance)
     assert body["layer_map"]["shape"] == [8, 8] and body["receptive_field"] > 8
     values = np.frombuffer(base64.b64decode(body["layer_map"]["data"]), dtype="<f2")
     assert values.min() >= 0 and values.max() == pytest.approx(1, abs=1e-3)
@@ -186,6 +171,30 @@ def test_gradcam_of_a_chosen_class_and_layer(server):
     body = httpx.post(f"{server.url}/gradcam", json={"image_base64": b64(shape_png(2)), "layer": "conv2",
                                                       "class_index": 7}, timeout=30).json()
     assert body["layer"] == "conv2" and body["class_index"] == 7 and body["layer_map"]["shape"] == [16, 16]
+
+
+def test_one_answer_per_image_across_endpoints_in_each_precision(server_in_each_precision):
+    """/classify, /gradcam and /explain report the served model's answer for an image: the same class
+    and probability, in fp32 and in bf16 (the maps come from the fp32 reference, the answer does not)."""
+    server, precision = server_in_each_precision
+    tolerance = precision.probability_tolerance
+    images = [shape_png(5), encode(shape_image(7, size=90), "JPEG", quality=90), shape_png(10)]
+    for data in images:
+        classified = httpx.post(f"{server.url}/classify", json={"images_base64": [b64(data)], "top_k": 12},
+                                timeout=60).json()["predictions"][0]["top_k"]
+        top, second = classified[0], classified[1]
+        cam = httpx.post(f"{server.url}/gradcam", json={"image_base64": b64(data)}, timeout=60).json()
+        assert cam["class_index"] == top["index"]
+        assert cam["probability"] == pytest.approx(top["probability"], abs=tolerance)
+        for method in ("gradcam", "guided_backprop", "occlusion"):
+            explained = httpx.post(f"{server.url}/explain", json={"image_base64": b64(data), "method": method},
+                                   timeout=60).json()
+            assert explained["class_index"] == top["index"], (method, explained)
+            assert explained["probability"] == pytest.approx(top["probability"], abs=tolerance), method
+        chosen = httpx.post(f"{server.url}/explain", json={"image_base64": b64(data), "method": "gradcam",
+                                                           "class_index": second["index"]}, timeout=60).json()
+        assert chosen["class_index"] == second["index"]
+        assert chosen["probability"] == pytest.approx(second["probability"], abs=tolerance)
 
 
 @pytest.mark.parametrize("payload, status, reason", [
@@ -204,11 +213,13 @@ def test_gradcam_refusals(server, payload, status, reason):
 
 
 def test_model_endpoint_describes_manifest_and_layers(server, tiny_run):
+    """/model names the precision the configuration (PRECISION, auto by default) resolves to here."""
     body = httpx.get(f"{server.url}/model", timeout=30).json()
     manifest = load_checkpoint(tiny_run).manifest
     assert body["weights_sha256"] == manifest.weights_sha256
     assert body["classes"] == manifest.class_names and body["preset"] == "small"
-    served = resolve_precision("auto", torch.device("cpu"), manifest.training.get("precision_agreement"))
+    served = resolve_precision(ServiceConfig.from_env().precision, torch.device("cpu"),
+                               manifest.training.get("precision_agreement"))
     assert body["device"] == "cpu" and body["precision"]["name"] == served.name
     assert body["dtype"] == str(served.dtype).removeprefix("torch.") and body["precision"]["reason"]
     assert body["training"]["metrics"]["test_top1"] == manifest.training["metrics"]["test_top1"]
@@ -312,7 +323,8 @@ def test_metrics_move_by_expected_amounts(server, tiny_run):
     assert delta("cnn_model_forward_seconds_count", endpoint="feature_maps") == 1
     assert delta("cnn_feature_map_response_bytes_total", format="png") > 100
     recorded = load_checkpoint(tiny_run).manifest.training.get("precision_agreement")
-    dtype = str(resolve_precision("auto", torch.device("cpu"), recorded).dtype).removeprefix("torch.")
+    dtype = str(resolve_precision(ServiceConfig.from_env().precision, torch.device("cpu"), recorded).dtype)
+    dtype = dtype.removeprefix("torch.")
     assert metric_sum(after, "cnn_model_info", device="cpu", dtype=dtype) == 1
 
 

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from model.checkpoint import load_checkpoint
+from testkit.models import TINY_TRAIN
+from testkit.server import ROOT
 from training.shapes import CLASSES, export_image_folder, generate
 from training.state import load_state
-from tests.conftest import ROOT, TINY_TRAIN
 
 pytestmark = pytest.mark.slow
 CHANCE = 1 / len(CLASSES)
@@ -80,7 +81,7 @@ def test_register_puts_checkpoint_in_model_store_and_loads_back(tiny_run, run_cl
     assert tag.split(":")[1] in listing.stdout
     code = (
         "from model.store import resolve; from model.checkpoint import load_checkpoint;"
-        "c = load_checkpoint(resolve('cnn-classifier:latest')); print(c.manifest.weights_sha256)"
+        "c = load_checkpoint(resolve('cnn-classifier:latest')[0]); print(c.manifest.weights_sha256)"
     )
     loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=cli_env, capture_output=True, text=True,
                             timeout=120)

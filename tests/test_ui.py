@@ -8,8 +8,8 @@ import shutil
 import httpx
 import pytest
 
-from tests.conftest import ROOT
-from tests.images import shape_png
+from testkit.images import shape_png
+from testkit.server import ROOT
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -129,7 +129,7 @@ def test_samples_work_without_a_file(browser, server):
 
 @needs_chromium
 def test_with_an_api_key_the_page_asks_for_it(browser, secured_server, tmp_path):
-    from tests.conftest import API_KEY
+    from testkit.server import API_KEY
 
     image = tmp_path / "circle.png"
     image.write_bytes(shape_png(5, size=64))

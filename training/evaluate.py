@@ -32,8 +32,9 @@ def evaluate(
     num_classes: int,
     device: torch.device,
     batch_size: int = 512,
-    autocast_dtype: torch.dtype | None = None,
 ) -> EvalResult:
+    # Always fp32, even for a run that trains under bf16 autocast: this is the accuracy of the
+    # weights as saved, which the checkpoint records and the service starts from.
     was_training = model.training
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
@@ -43,8 +44,7 @@ def evaluate(
         images = split.images[start : start + batch_size].to(device, non_blocking=True)
         labels = split.labels[start : start + batch_size].to(device, non_blocking=True)
         inputs = normalizer(images).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model(inputs).float()
+        logits = model(inputs).float()
         loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
         top = logits.topk(k, dim=1).indices
         top5_hits += (top == labels[:, None]).any(dim=1).sum().item()

@@ -45,10 +45,7 @@ def _curves(path: Path, history: list[dict]) -> Path:
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _confusion(path: Path, result: EvalResult, class_names: list[str]) -> Path:
@@ -67,22 +64,25 @@ def _confusion(path: Path, result: EvalResult, class_names: list[str]) -> Path:
                     ax.text(j, i, count, ha="center", va="center", fontsize=7,
                             color="white" if rates[i, j] > 0.5 else "black")
     ax.set(xlabel="predicted", ylabel="true", title=f"Confusion matrix (top-1 {result.top1:.3f})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 @torch.no_grad()
 def _feature_maps(out: Path, checkpoint: Checkpoint, example: torch.Tensor) -> list[Path]:
     model = checkpoint.model
     inputs = Normalizer(checkpoint.manifest.preprocessing)(example.unsqueeze(0))
-    convs = [name for name, layer in model.named_layers.items() if layer.kind == "conv"]
-    maps = model.extract(inputs, {name: "post_relu" for name in convs})
+    maps = model.extract(inputs, {name: "post_relu" for name in model.conv_layers})
     paths = [out / "example_input.png"]
     paths[0].write_bytes(encode_png(example.permute(1, 2, 0).contiguous()))
-    for name in convs:
+    for name in model.conv_layers:
         path = out / f"feature_maps_{name}.png"
         path.write_bytes(encode_png(feature_map_grid(maps[name][0][:64])))
         paths.append(path)
     return paths
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)  # pyplot keeps every open figure alive until closed
+    return path

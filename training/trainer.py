@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,27 +31,15 @@ from model.precision import native_precisions
 from model.preprocess import Normalizer
 from training import distributed
 from training.data import Dataset, load_dataset
-from training.evaluate import evaluate, format_agreement, precision_agreement
+from training.evaluate import EvalResult, evaluate, format_agreement, precision_agreement
 from training.recipe import RunConfig, augment, lr_factor, make_optimizer
-from training.state import load_state, save_state
+from training.state import Run, resume_point, save_training_state
 
 LOG_FILE = "train_log.jsonl"
 
 
 class OutputDirError(RuntimeError):
     pass
-
-
-@dataclass
-class Progress:
-    """Counters that survive a resume."""
-
-    epoch: int = 0
-    step: int = 0
-    elapsed: float = 0.0  # seconds of training so far, across resumes
-    best_top1: float = -1.0
-    best_epoch: int = -1
-    history: list[dict] = field(default_factory=list)
 
 
 def check_output_dir(out: Path) -> None:
@@ -76,19 +63,34 @@ def _sampler(size: int, ctx: distributed.Context, seed: int) -> DistributedSampl
 def train(config: RunConfig, resume: bool = False) -> Manifest | None:
     """Train; returns the best checkpoint's manifest on rank 0 (None on others)."""
     ctx = distributed.setup()
+    run = setup_run(config, ctx, resume)
+    manifest = None
+    while run.fraction_done() < 1.0:
+        stats = train_one_epoch(run)
+        run.progress.epoch += 1
+        manifest = end_of_epoch(run, stats) or manifest
+        save_training_state(run)
+
+    progress = run.progress
+    if ctx.is_main and progress.best_epoch >= 0:
+        print(
+            f"best test top-1 {progress.best_top1:.4f} at epoch {progress.best_epoch}; "
+            f"{progress.elapsed:.1f}s of training; checkpoint in {run.out}"
+        )
+        manifest = record_precision_agreement(run.out, run.dataset, ctx.device)
+    distributed.teardown()
+    return manifest if ctx.is_main else None
+
+
+def setup_run(config: RunConfig, ctx: distributed.Context, resume: bool) -> Run:
+    """Data, network, optimizer and counters, from `config` or from the saved state on resume."""
     out = Path(config.out)
     if ctx.is_main:
         check_output_dir(out)
-    progress = Progress()
-    state = load_state(out) if resume else None
-    if state is not None:
-        config = RunConfig.from_dict(state["run_config"])
-        progress = Progress(**state["progress"])
-        if ctx.is_main:
-            print(f"resuming {out} at epoch {progress.epoch + 1}, step {progress.step}, {progress.elapsed:.0f}s in")
-    elif resume and ctx.is_main:
-        print(f"no {out}/train_state.pt to resume from; starting a new run")
+    config, progress, state = resume_point(config, ctx, resume)
 
+    # The order matters for reproducibility: the seed, then weight init draws from it; a resumed
+    # run then overwrites the generator's state with the saved one.
     torch.manual_seed(config.seed)
     preset = get_preset(config.preset)
     dataset = load_dataset(
@@ -103,133 +105,126 @@ def train(config: RunConfig, resume: bool = False) -> Manifest | None:
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         augment_rng.set_state(state["augment_rng"][ctx.rank % len(state["augment_rng"])])
-    model: nn.Module = DistributedDataParallel(net) if ctx.distributed else net
+    model = DistributedDataParallel(net) if ctx.distributed else net
 
-    normalizer = Normalizer(preset.preprocessing)
-    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     use_amp = config.amp and "bf16" in native_precisions(ctx.device)
-    autocast_dtype = torch.bfloat16 if use_amp else None
     sampler = _sampler(len(dataset.train.labels), ctx, config.seed)
-    steps_per_epoch = math.ceil(len(sampler) / config.batch_size)
-    total_steps = config.epochs * steps_per_epoch
-
-    def run_progress() -> float:
-        if config.time_budget:
-            return progress.elapsed / config.time_budget
-        return progress.step / max(1, total_steps)
-
+    run = Run(
+        config=config, ctx=ctx, out=out, dataset=dataset, net=net, model=model, optimizer=optimizer,
+        criterion=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing),
+        normalizer=Normalizer(preset.preprocessing), sampler=sampler, augment_rng=augment_rng,
+        autocast_dtype=torch.bfloat16 if use_amp else None,
+        total_steps=config.epochs * math.ceil(len(sampler) / config.batch_size), progress=progress,
+    )
     if ctx.is_main:
-        budget = f"{config.time_budget:.0f}s budget" if config.time_budget else f"{config.epochs} epochs"
-        print(
-            f"training {config.preset} on {dataset.name}: {len(dataset.train.labels)} train / "
-            f"{len(dataset.test.labels)} test images, {len(dataset.class_names)} classes, {budget}, "
-            f"{ctx.world_size} process(es) on {ctx.device}{', bf16 autocast' if use_amp else ''}"
-        )
-
-    manifest = None
-    while run_progress() < 1.0:
-        sampler.set_epoch(progress.epoch)
-        order = torch.tensor(list(sampler), dtype=torch.int64)
-        model.train()
-        stats = _train_one_epoch(
-            model, optimizer, criterion, normalizer, dataset, order, config, ctx, progress,
-            run_progress, autocast_dtype, augment_rng,
-        )
-        progress.epoch += 1
-        manifest = _end_of_epoch(net, dataset, normalizer, config, ctx, progress, stats) or manifest
-        _save_training_state(out, net, optimizer, config, ctx, progress, augment_rng)
-
-    if ctx.is_main and progress.best_epoch >= 0:
-        print(
-            f"best test top-1 {progress.best_top1:.4f} at epoch {progress.best_epoch}; "
-            f"{progress.elapsed:.1f}s of training; checkpoint in {out}"
-        )
-        manifest = record_precision_agreement(out, dataset, ctx.device)
-    distributed.teardown()
-    return manifest if ctx.is_main else None
+        _announce(run)
+    return run
 
 
-def _train_one_epoch(
-    model, optimizer, criterion, normalizer, dataset: Dataset, order, config: RunConfig,
-    ctx: distributed.Context, progress: Progress, run_progress, autocast_dtype, augment_rng,
-) -> dict:
-    batches = order.split(config.batch_size)
+def _announce(run: Run) -> None:
+    config, dataset, ctx = run.config, run.dataset, run.ctx
+    budget = f"{config.time_budget:.0f}s budget" if config.time_budget else f"{config.epochs} epochs"
+    print(
+        f"training {config.preset} on {dataset.name}: {len(dataset.train.labels)} train / "
+        f"{len(dataset.test.labels)} test images, {len(dataset.class_names)} classes, {budget}, "
+        f"{ctx.world_size} process(es) on {ctx.device}{', bf16 autocast' if run.autocast_dtype is not None else ''}"
+    )
+
+
+def train_one_epoch(run: Run) -> dict:
+    """One pass over this rank's share of the training set, cut short when the run is done;
+    returns the epoch's training figures for the log."""
+    run.sampler.set_epoch(run.progress.epoch)
+    order = torch.tensor(list(run.sampler), dtype=torch.int64)
+    run.model.train()
     bar = tqdm(
-        batches, desc=f"epoch {progress.epoch + 1}", unit="batch",
-        disable=None if ctx.is_main else True,  # None: a bar on terminals, none in logs
+        order.split(run.config.batch_size), desc=f"epoch {run.progress.epoch + 1}", unit="batch",
+        disable=None if run.ctx.is_main else True,  # None: a bar on terminals, none in logs
         leave=True, dynamic_ncols=True, mininterval=0.5,
     )
     loss_sum, correct, seen = 0.0, 0, 0
     epoch_start = time.perf_counter()
     for batch_indices in bar:
         step_start = time.perf_counter()
-        if run_progress() >= 1.0:
+        if run.fraction_done() >= 1.0:
             break
-        lr = config.lr * lr_factor(run_progress(), config.warmup)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        images = augment(dataset.train.images[batch_indices], augment_rng)
-        images = images.to(ctx.device, non_blocking=True)
-        labels = dataset.train.labels[batch_indices].to(ctx.device, non_blocking=True)
-        inputs = normalizer(images).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(ctx.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model(inputs)
-            loss = criterion(logits.float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        lr = run.config.lr * lr_factor(run.fraction_done(), run.config.warmup)
+        loss, logits, labels = train_step(run, batch_indices, lr)
 
-        progress.step += 1
+        run.progress.step += 1
         seen += len(labels)
-        loss_sum += loss.item() * len(labels)
+        loss_sum += loss.item() * len(labels)  # .item() waits for the step: the step time below is real
         correct += (logits.argmax(1) == labels).sum().item()
-        progress.elapsed += time.perf_counter() - step_start
-        if config.time_budget:
-            progress.elapsed = distributed.max_across_ranks(progress.elapsed, ctx)
-        rate = seen * ctx.world_size / max(1e-9, time.perf_counter() - epoch_start)
+        run.progress.elapsed += time.perf_counter() - step_start
+        run.sync_clock()
+        rate = seen * run.ctx.world_size / max(1e-9, time.perf_counter() - epoch_start)
         bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", img_s=f"{rate:.0f}", lr=f"{lr:.3g}")
     bar.close()
     seconds = time.perf_counter() - epoch_start
     return {
         "train_loss": loss_sum / max(1, seen),
         "train_top1": correct / max(1, seen),
-        "images_per_sec": seen * ctx.world_size / max(1e-9, seconds),
-        "lr": optimizer.param_groups[0]["lr"],
+        "images_per_sec": seen * run.ctx.world_size / max(1e-9, seconds),
+        "lr": run.optimizer.param_groups[0]["lr"],
     }
 
 
-def _end_of_epoch(net, dataset, normalizer, config, ctx, progress, stats) -> Manifest | None:
+def train_step(run: Run, batch_indices: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One SGD step on the batch at `batch_indices`; returns the loss, the logits and the labels."""
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    train = run.dataset.train
+    images = augment(train.images[batch_indices], run.augment_rng)
+    images = images.to(run.ctx.device, non_blocking=True)
+    labels = train.labels[batch_indices].to(run.ctx.device, non_blocking=True)
+    inputs = run.normalizer(images).contiguous(memory_format=torch.channels_last)
+    dtype = run.autocast_dtype
+    with torch.autocast(run.ctx.device.type, dtype=dtype, enabled=dtype is not None):
+        logits = run.model(inputs)
+        loss = run.criterion(logits.float(), labels)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    run.optimizer.step()
+    return loss, logits, labels
+
+
+def end_of_epoch(run: Run, stats: dict) -> Manifest | None:
     """Rank 0 evaluates, logs and keeps the best checkpoint; the others wait."""
     manifest = None
-    if ctx.is_main:
+    if run.ctx.is_main:
         eval_start = time.perf_counter()
         # In fp32 even when the steps run under bf16 autocast: the accuracy of the weights as saved.
-        result = evaluate(net, dataset.test, normalizer, len(dataset.class_names), ctx.device)
-        record = {
-            "epoch": progress.epoch, "step": progress.step, **stats,
-            "test_loss": result.loss, "test_top1": result.top1, "test_top5": result.top5,
-            "elapsed": round(progress.elapsed, 3),
-        }
-        progress.history.append(record)
-        with open(Path(config.out) / LOG_FILE, "a") as log:
-            log.write(json.dumps(record) + "\n")
-        tqdm.write(
-            f"epoch {progress.epoch}: train loss {stats['train_loss']:.3f} acc {stats['train_top1']:.3f} | "
-            f"test loss {result.loss:.3f} top-1 {result.top1:.4f} top-5 {result.top5:.4f} | "
-            f"{stats['images_per_sec']:.0f} img/s"
-        )
-        if result.top1 > progress.best_top1:
-            progress.best_top1, progress.best_epoch = result.top1, progress.epoch
+        result = evaluate(run.net, run.dataset.test, run.normalizer, len(run.dataset.class_names), run.ctx.device)
+        _log_epoch(run, stats, result)
+        if result.top1 > run.progress.best_top1:
+            run.progress.best_top1, run.progress.best_epoch = result.top1, run.progress.epoch
             manifest = save_checkpoint(
-                config.out, net, dataset.class_names, get_preset(config.preset).preprocessing, config.preset,
-                training=_training_summary(config, dataset, ctx, progress, result),
+                run.config.out, run.net, run.dataset.class_names, get_preset(run.config.preset).preprocessing,
+                run.config.preset, training=_training_summary(run, result),
             )
         # Evaluation time counts against a time budget: it is wall-clock the user waits for.
-        progress.elapsed += time.perf_counter() - eval_start
-    if config.time_budget:
-        progress.elapsed = distributed.max_across_ranks(progress.elapsed, ctx)
-    distributed.barrier(ctx)
+        run.progress.elapsed += time.perf_counter() - eval_start
+    run.sync_clock()
+    distributed.barrier(run.ctx)
     return manifest
+
+
+def _log_epoch(run: Run, stats: dict, result: EvalResult) -> None:
+    """Append the epoch's figures to the history and to train_log.jsonl, and print them."""
+    progress = run.progress
+    record = {
+        "epoch": progress.epoch, "step": progress.step, **stats,
+        "test_loss": result.loss, "test_top1": result.top1, "test_top5": result.top5,
+        "elapsed": round(progress.elapsed, 3),
+    }
+    progress.history.append(record)
+    with open(Path(run.config.out) / LOG_FILE, "a") as log:
+        log.write(json.dumps(record) + "\n")
+    tqdm.write(
+        f"epoch {progress.epoch}: train loss {stats['train_loss']:.3f} acc {stats['train_top1']:.3f} | "
+        f"test loss {result.loss:.3f} top-1 {result.top1:.4f} top-5 {result.top5:.4f} | "
+        f"{stats['images_per_sec']:.0f} img/s"
+    )
 
 
 def record_precision_agreement(out: Path, dataset: Dataset, device: torch.device) -> Manifest:
@@ -244,7 +239,8 @@ def record_precision_agreement(out: Path, dataset: Dataset, device: torch.device
     return manifest
 
 
-def _training_summary(config, dataset, ctx, progress, result) -> dict:
+def _training_summary(run: Run, result: EvalResult) -> dict:
+    config, dataset, ctx, progress = run.config, run.dataset, run.ctx, run.progress
     return {
         "dataset": dataset.name,
         "data": config.data,
@@ -262,24 +258,3 @@ def _training_summary(config, dataset, ctx, progress, result) -> dict:
         "history": list(progress.history),
         "run_config": config.to_dict(),
     }
-
-
-def _save_training_state(out, net, optimizer, config, ctx, progress, augment_rng) -> None:
-    rng_states = [augment_rng.get_state()]
-    if ctx.distributed:
-        # Tensors, not all_gather_object: that one pickles.
-        local = rng_states[0].to(ctx.device)
-        gathered = [torch.empty_like(local) for _ in range(ctx.world_size)]
-        torch.distributed.all_gather(gathered, local)
-        rng_states = [g.cpu() for g in gathered]
-    if ctx.is_main:
-        save_state(out, {
-            "run_config": config.to_dict(),
-            "progress": progress.__dict__.copy(),
-            "model": net.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "augment_rng": rng_states,
-        })
-    distributed.barrier(ctx)
-

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 from dataclasses import dataclass, field
@@ -10,8 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from tests.images import encode, shape_image
-from tests.test_preprocess import png_header_only
+from testkit.images import b64, encode, png_header_only, shape_image
 
 
 @dataclass
@@ -21,10 +19,6 @@ class Case:
     kwargs: dict = field(default_factory=dict)
     status: int = 200
     reason: str | None = None  # the `error` code for refusals
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
 
 
 def _files(data: bytes, name: str = "x.png", content_type: str = "image/png") -> dict:

@@ -1,4 +1,6 @@
-"""Start the real service with `bentoml serve` on a free loopback port, stop it by PID."""
+"""Start the real service with `bentoml serve` on a free loopback port, stop it by PID.
+
+The one place that knows how this repository is served: tests and load tests start servers here."""
 
 from __future__ import annotations
 
@@ -15,6 +17,13 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+API_KEY = "s3cret-key"  # the key the tests' secured server runs with
+
+
+def serve_command(port: int, host: str | None = None) -> list[str]:
+    """`bentoml serve` of this repository (run it with cwd=ROOT); host None: the service's default bind."""
+    host_args = ["--host", host] if host is not None else []
+    return [str(Path(sys.executable).parent / "bentoml"), "serve", ".", *host_args, "--port", str(port)]
 
 
 def free_port() -> int:
@@ -89,11 +98,8 @@ class ServerProcess:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self._log = open(self.log_path, "wb")
-        bentoml = Path(sys.executable).parent / "bentoml"
-        host_args = ["--host", self._host] if self._host is not None else []
         self.process = subprocess.Popen(
-            [str(bentoml), "serve", ".", *host_args, "--port", str(port)],
-            cwd=ROOT, env=self._env, stdout=self._log, stderr=subprocess.STDOUT,
+            serve_command(port, self._host), cwd=ROOT, env=self._env, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: stop it and every worker together
         )
 
@@ -131,3 +137,21 @@ class ServerProcess:
                 self.process.wait()
         self._log.close()
         shutil.rmtree(self._home, ignore_errors=True)
+
+
+def start_server(env: dict[str, str], log_dir: Path, **extra_env: str) -> ServerProcess:
+    """A ready server with `extra_env` on top of `env`, logging to log_dir/server.log."""
+    server = ServerProcess({**env, **extra_env}, log_dir / "server.log")
+    server.wait_ready()
+    return server
+
+
+def serve_until_exit(env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    """`bentoml serve` for a start-up that must fail; a private home keeps the
+    other servers' metrics directories intact (see private_home)."""
+    env, home = private_home(env)
+    try:
+        return subprocess.run(serve_command(free_port()), cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)

@@ -1,0 +1,76 @@
+"""Every route the service answers, declared once.
+
+The guards (service.guards), the metrics (service.metrics) and the OpenAPI
+amendments (service.rewrites) read this table, so a new endpoint lands by
+adding a line here and its handler -- not by editing lists in each of them.
+
+Auth is closed by default: with API_KEY set, every path needs the key but the
+ones declared `open` here (health, metrics, the spec and the pages and static
+files that show it). A route someone forgets to declare is therefore served
+only with the key, never without it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    path: str
+    method: str = "POST"
+    open: bool = False  # served without the API key
+    # Refused (503 + Retry-After) before its body is read while the model is full: endpoints that
+    # run the model. Admission then charges each request its cost (service.service._admitted).
+    sheddable: bool = False
+    cost: str = ""  # what admission charges one request, in single-image forward passes (for the spec)
+    prefix: bool = False  # also every path under it (mounted static files)
+
+    @property
+    def label(self) -> str:
+        """The endpoint label of the service's metrics (cnn_images_processed_total{endpoint=...})."""
+        return self.path.strip("/").split("/")[0]
+
+    def matches(self, path: str) -> bool:
+        return path == self.path or (self.prefix and path.startswith(self.path.rstrip("/") + "/"))
+
+
+ENDPOINTS: tuple[Endpoint, ...] = (
+    # inference: the model runs
+    Endpoint("/classify", sheddable=True, cost="one forward pass per image"),
+    Endpoint("/embed", sheddable=True, cost="one forward pass per image"),
+    Endpoint("/feature_maps", sheddable=True, cost="one forward pass"),
+    Endpoint("/gradcam", sheddable=True, cost="three forward passes (Grad-CAM: a forward and a backward pass)"),
+    Endpoint("/explain", sheddable=True, cost="the method's forward passes (`forward_passes` in the answer)"),
+    # introspection (service.introspection)
+    Endpoint("/model", "GET"),
+    Endpoint("/kernels", "GET"),
+    Endpoint("/atlas", "GET"),
+    # open: health probes, metrics, the spec and BentoML's page showing it, the inspector's files
+    Endpoint("/livez", "GET", open=True),
+    Endpoint("/readyz", "GET", open=True),
+    Endpoint("/healthz", "GET", open=True),
+    Endpoint("/metrics", "GET", open=True),
+    Endpoint("/docs.json", "GET", open=True),
+    Endpoint("/schema.json", "GET", open=True),
+    Endpoint("/", "GET", open=True),
+    Endpoint("/static_content", "GET", open=True, prefix=True),
+    Endpoint("/ui", "GET", open=True, prefix=True),
+)
+
+INFERENCE: tuple[Endpoint, ...] = tuple(e for e in ENDPOINTS if e.sheddable)
+
+
+def find(path: str) -> Endpoint | None:
+    return next((endpoint for endpoint in ENDPOINTS if endpoint.matches(path)), None)
+
+
+def is_open(path: str) -> bool:
+    """Served without the API key? Only what is declared open; anything else, declared or not, needs it."""
+    endpoint = find(path)
+    return endpoint is not None and endpoint.open
+
+
+def is_sheddable(method: str, path: str) -> bool:
+    endpoint = find(path)
+    return endpoint is not None and endpoint.sheddable and method == endpoint.method

@@ -1,0 +1,257 @@
+"""HTTP guards in front of every endpoint, one ASGI middleware per job, added in
+service.service in the order they run:
+
+  UniformErrors   every error body as the documented {"error", "detail"}
+  AmendDocs       /docs.json amended with what BentoML cannot know (service.rewrites)
+  AddRetryAfter   Retry-After on every 503
+  RequireApiKey   401 without the key, on every path not declared open (service.endpoints)
+  ShedWhenFull    503 for inference while the model is full, before the body is read
+  LimitBody       413 over MAX_BODY_BYTES; reads the body once and passes it on whole
+  CheckMultipart  400 for a multipart body BentoML would choke on, or text in a file field
+
+Pure ASGI, so they run before BentoML parses (and spools to disk) a body. The
+multipart check does not parse the form: it reads only the part headers
+(python-multipart's parser with header callbacks, no data kept), so the body
+is parsed into a form once, by BentoML.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from service import endpoints
+from service.errors import Refusal
+from service.rewrites import amend_docs, uniform_errors
+
+# Multipart fields that must carry uploaded files. BentoML would treat a plain
+# text value in such a field as a URL and download it (server-side request
+# forgery); we refuse that before BentoML sees the form.
+FILE_FIELDS = ("images", "image")
+
+
+class _Guard:
+    """An ASGI middleware that looks at HTTP requests only."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        return await self.guard(scope, receive, send)
+
+    async def guard(self, scope, receive, send):
+        raise NotImplementedError
+
+    @staticmethod
+    async def refuse(refusal: Refusal, scope, receive, send) -> None:
+        await refusal.response()(scope, receive, send)
+
+
+class UniformErrors(_Guard):
+    async def guard(self, scope, receive, send):
+        await self.app(scope, receive, uniform_errors(send))
+
+
+class AmendDocs(_Guard):
+    async def guard(self, scope, receive, send):
+        if scope.get("path") == "/docs.json":
+            send = amend_docs(send)
+        await self.app(scope, receive, send)
+
+
+class AddRetryAfter(_Guard):
+    def __init__(self, app, retry_after_s: int):
+        super().__init__(app)
+        self.retry_after = str(retry_after_s).encode()
+
+    async def guard(self, scope, receive, send):
+        async def wrapped(message):
+            if message["type"] == "http.response.start" and message["status"] == 503:
+                headers = list(message.get("headers", []))
+                if not any(name.lower() == b"retry-after" for name, _ in headers):
+                    headers.append((b"retry-after", self.retry_after))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, wrapped)
+
+
+class RequireApiKey(_Guard):
+    def __init__(self, app, api_key: str | None):
+        super().__init__(app)
+        self.api_key = api_key.encode() if api_key else None
+
+    async def guard(self, scope, receive, send):
+        if self.api_key and not endpoints.is_open(scope.get("path", "")) and not self._authorized(scope):
+            refusal = Refusal(401, "unauthorized", "missing or wrong 'Authorization: Bearer <key>'",
+                              {"WWW-Authenticate": "Bearer"})
+            return await self.refuse(refusal, scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def _authorized(self, scope) -> bool:
+        value = _header(scope, b"authorization")
+        if value is None:
+            return False
+        scheme, _, token = value.partition(b" ")
+        # compare_digest: the time taken does not reveal how much of the key matched
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)
+
+
+class ShedWhenFull(_Guard):
+    def __init__(self, app, retry_after_s: int):
+        super().__init__(app)
+        self.retry_after_s = retry_after_s
+
+    async def guard(self, scope, receive, send):
+        path = scope.get("path", "")
+        if endpoints.is_sheddable(scope.get("method", ""), path) and _model_full(path):
+            return await self.refuse(Refusal.overloaded(self.retry_after_s), scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+class LimitBody(_Guard):
+    def __init__(self, app, max_body_bytes: int):
+        super().__init__(app)
+        self.max_body_bytes = max_body_bytes
+
+    async def guard(self, scope, receive, send):
+        if scope.get("method") not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_body_bytes:
+            return await self.refuse(self._too_large(f"{declared:,} bytes"), scope, receive, send)
+        body, too_large = await _read_body(receive, self.max_body_bytes)
+        if too_large:
+            return await self.refuse(self._too_large("more"), scope, receive, send)
+        await self.app(scope, _replay(body), send)
+
+    def _too_large(self, told: str) -> Refusal:
+        return Refusal(413, "body_too_large", f"request body is {told}; the limit is {self.max_body_bytes:,} bytes")
+
+
+class CheckMultipart(_Guard):
+    """After LimitBody: the body arrives in one message."""
+
+    async def guard(self, scope, receive, send):
+        content_type = _header(scope, b"content-type") or b""
+        if scope.get("method") != "POST" or not content_type.lower().startswith(b"multipart/"):
+            return await self.app(scope, receive, send)
+        body, _ = await _read_body(receive, None)
+        refusal = _multipart_refusal(content_type, body)
+        if refusal is not None:
+            return await self.refuse(refusal, scope, _replay(body), send)
+        await self.app(scope, _replay(body), send)
+
+
+def _model_full(path: str) -> bool:
+    import bentoml
+
+    service = bentoml.get_current_service()
+    admission = getattr(service, "admission", None)
+    if admission is None or not admission.full():
+        return False
+    service.metrics.refusals.labels(endpoints.find(path).label, "overloaded").inc()
+    return True
+
+
+def _header(scope, name: bytes) -> bytes | None:
+    """The first value of a request header (ASGI gives names lower-cased)."""
+    return next((value for key, value in scope.get("headers", []) if key == name), None)
+
+
+def _content_length(scope) -> int | None:
+    value = _header(scope, b"content-length")
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+async def _read_body(receive, limit: int | None) -> tuple[bytes, bool]:
+    """The whole request body, or (b"", True) as soon as it passes `limit` bytes."""
+    chunks, total = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunk = message.get("body", b"")
+        total += len(chunk)
+        if limit is not None and total > limit:
+            return b"", True
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks), False
+
+
+def _replay(body: bytes):
+    sent = False
+
+    async def receive():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
+def _multipart_refusal(content_type: bytes, body: bytes) -> Refusal | None:
+    """What is wrong with a multipart body, read from its part headers alone: a body BentoML would
+    choke on (a 500 there), or a text value in a file field (which BentoML would fetch as a URL)."""
+    malformed = Refusal(400, "malformed_multipart", "the multipart/form-data body could not be parsed")
+    boundary = _multipart_boundary(content_type)
+    if boundary is None:
+        return malformed  # multipart without a boundary cannot be parsed at all
+    names_without_filename: list[bytes] = []
+    header: dict[bytes, bytearray] = {}
+    current = bytearray()
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        current[:] = data[start:end].lower()
+        header.setdefault(bytes(current), bytearray())
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        header[bytes(current)] += data[start:end]
+
+    def on_headers_finished() -> None:
+        _, params = parse_options_header(bytes(header.get(b"content-disposition", b"")))
+        if b"filename" not in params:  # a plain text part (a file part always names its file)
+            names_without_filename.append(params.get(b"name", b""))
+        header.clear()
+
+    parser = MultipartParser(boundary, {"on_header_field": on_header_field, "on_header_value": on_header_value,
+                                        "on_headers_finished": on_headers_finished})
+    try:
+        parser.write(body)
+        parser.finalize()
+    except Exception:
+        return malformed
+    if any(name.decode("latin-1") in FILE_FIELDS for name in names_without_filename):
+        return Refusal(400, "file_field_not_a_file",
+                       "multipart fields `images`/`image` must be uploaded files; URLs are not fetched")
+    return None
+
+
+def _multipart_boundary(content_type: bytes) -> bytes | None:
+    if content_type.lower().startswith(b"multipart/form-data"):
+        for param in content_type.split(b";")[1:]:
+            key, _, val = param.strip().partition(b"=")
+            if key.lower() == b"boundary":
+                return val.strip(b'"')
+    return None
+
+
+def add_guards(service_class, config) -> None:
+    """Put the guards in front of the service, outermost first (BentoML's add_asgi_middleware)."""
+    service_class.add_asgi_middleware(UniformErrors)
+    service_class.add_asgi_middleware(AmendDocs)
+    service_class.add_asgi_middleware(AddRetryAfter, retry_after_s=config.retry_after_s)
+    service_class.add_asgi_middleware(RequireApiKey, api_key=config.api_key)
+    service_class.add_asgi_middleware(ShedWhenFull, retry_after_s=config.retry_after_s)
+    service_class.add_asgi_middleware(LimitBody, max_body_bytes=config.max_body_bytes)
+    service_class.add_asgi_middleware(CheckMultipart)

@@ -1,0 +1,1 @@
+"""Support shared by the tests and the load tests: real servers, request images, the bad-input corpus."""
