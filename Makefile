@@ -10,7 +10,7 @@ HOST ?= 127.0.0.1
 PORT ?= 3000
 MODEL_OUT ?= runs/default
 
-.PHONY: install default-model serve test test-fast test-busy fuzz system-deps loadtest loadtest-overload bench gpu-check clean
+.PHONY: install default-model serve test test-precisions test-fast test-busy fuzz system-deps loadtest loadtest-overload loadtest-update bench replicas oip-clients bench-oip bench-peers gpu-check clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON_BIN) -m venv $(VENV)
@@ -20,11 +20,12 @@ $(INSTALLED): pyproject.toml
 
 install: $(INSTALLED)
 
-# Debian packages the tests drive for real: prometheus (the server and promtool) and
-# chromium (the UI tests); installed only where missing.
+# Debian packages the tests drive for real: prometheus (the server and promtool), chromium
+# (the UI tests) and haproxy (the replicas); installed only where missing.
 system-deps:
 	@missing=""; command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	  command -v chromium >/dev/null || missing="$$missing chromium"; \
+	  command -v haproxy >/dev/null || missing="$$missing haproxy"; \
 	  if [ -n "$$missing" ]; then \
 	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
@@ -44,6 +45,12 @@ serve: default-model
 
 test: $(INSTALLED) system-deps
 	$(PY) -m pytest
+
+# PRECISION=auto picks bf16 or fp32 per machine; the tests that compare numbers across endpoints,
+# processes and layouts, in each precision either machine kind may pick (`make test` runs all in auto).
+test-precisions: $(INSTALLED) system-deps
+	for precision in fp32 bf16; do PRECISION=$$precision $(PY) -m pytest tests/test_service.py \
+	  tests/test_explain.py tests/test_clients.py tests/test_layout.py || exit 1; done
 
 test-fast: $(INSTALLED)
 	$(PY) -m pytest -m "not slow"
@@ -65,10 +72,53 @@ loadtest: default-model
 loadtest-overload: $(INSTALLED)
 	$(PY) -m loadtests run --scenario overload --gates all
 
+# Model updates under Locust load (16 users): v1 -> v2 -> v1, a tampered v3 refused, ten moves in a row;
+# 0 failed requests, only v1/v2 answer, memory within 10%, p99 during moves <= 2x steady (loadtests/update.py).
+loadtest-update: $(INSTALLED)
+	for preset in small alexnet; do for layout in single split; do \
+	  $(PY) -m loadtests.update --preset $$preset --layout $$layout || exit 1; done; done
+
 # Forward passes against torchvision's AlexNet (the limit), decode costs, the service's throughput and
 # CPU per image, the null-model frontend (about 8 minutes on 2 cores); reports/bench.{json,png}.
 bench: $(INSTALLED)
 	$(PY) -m loadtests.bench
+
+# Three replicas of the default model behind haproxy, scraped by Prometheus: throughput with 1, 2 and 3,
+# a rolling replacement and a SIGKILL under Locust load, the dashboard's sums (about 5 minutes on 2
+# cores); reports/replicas/.
+replicas: default-model system-deps
+	$(PY) -m loadtests.replicas --replicas $${REPLICAS:-3}
+
+# KServe's Python client for the Open Inference Protocol tests, in an environment of its own: kserve pins
+# psutil<6, which the project's psutil==7 excludes. (tritonclient[http] is a dev dependency.)
+PEERS := $(VENV)/peers
+$(PEERS)/kserve/.installed:
+	$(PYTHON_BIN) -m venv $(PEERS)/kserve
+	$(PEERS)/kserve/bin/pip install --quiet kserve==0.21.0
+	touch $@
+
+oip-clients: $(PEERS)/kserve/.installed
+
+# Server CPU per image and images/s: multipart JPEG, OIP BYTES and OIP UINT8 (binary), 1/8/32 clients,
+# 1 and 8 images per request, small and torchvision presets and the null model (about 5 minutes on
+# 2 cores); reports/oip_bench.json. BENCH_ARGS narrows it, e.g. BENCH_ARGS="--models null".
+bench-oip: $(INSTALLED)
+	$(PY) -m loadtests.oip_bench $(BENCH_ARGS)
+
+# Triton Inference Server itself as the peer (the null model, OIP UINT8), from PyPI's nvidia-pytriton in
+# an environment of its own: it needs Python 3.12 with libpython3.12.so (its Python backend stub fails
+# with 3.11) and numpy<2. Where that cannot be built or started the peer is skipped with the reason.
+PYTHON312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12 /usr/bin/python3.12 \
+                                    /usr/local/bin/python3.12))
+$(PEERS)/triton/.installed:
+	@test -n "$(PYTHON312)" || { echo "no Python 3.12 here: pytriton's Triton needs it"; exit 1; }
+	$(PYTHON312) -m venv $(PEERS)/triton
+	$(PEERS)/triton/bin/pip install --quiet nvidia-pytriton==0.7.0 'numpy<2'
+	touch $@
+
+bench-peers: $(INSTALLED)
+	-$(MAKE) --no-print-directory $(PEERS)/triton/.installed
+	$(PY) -m loadtests.oip_bench --models null --paths oip_uint8 --peer triton $(BENCH_ARGS)
 
 # On a CUDA machine: the GPU tests, then the benchmark, then a short report (reports/gpu-check.txt).
 gpu-check: $(INSTALLED)

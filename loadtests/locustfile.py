@@ -51,6 +51,9 @@ def _wait():
 
 WEIGHTS = _weights()
 HONOR_RETRY_AFTER = os.environ.get("LOCUST_HONOR_RETRY_AFTER", "") not in ("", "0")
+# Model updates (loadtests.update): the versions allowed to answer, and a timeline of latencies.
+MODELS = set(filter(None, os.environ.get("LOCUST_MODELS", "").split(",")))
+TIMELINE = os.environ.get("LOCUST_TIMELINE", "") not in ("", "0")
 
 
 class Outcomes:
@@ -59,9 +62,15 @@ class Outcomes:
     def __init__(self):
         self.latencies: dict[tuple[str, str], list[float]] = defaultdict(list)
         self.started = time.time()
+        self.models: dict[str, int] = defaultdict(int)  # answers by the model version that gave them
+        self.timeline: list[tuple[float, float]] = []  # (unix time, ms) of ok answers, with LOCUST_TIMELINE
 
-    def record(self, name: str, outcome: str, milliseconds: float) -> None:
+    def record(self, name: str, outcome: str, milliseconds: float, model: str | None = None) -> None:
         self.latencies[(name, outcome)].append(milliseconds)
+        if model is not None:
+            self.models[model] += 1
+        if outcome == "ok" and TIMELINE:
+            self.timeline.append((time.time(), milliseconds))
 
     def summary(self) -> dict:
         def pct(values: list[float], q: float) -> float:
@@ -76,7 +85,8 @@ class Outcomes:
             entry[f"{outcome}_p95_ms"] = pct(values, 0.95)
             entry[f"{outcome}_p99_ms"] = pct(values, 0.99)
             entry[f"{outcome}_max_ms"] = max(values)
-        return {"seconds": time.time() - self.started, "endpoints": dict(endpoints)}
+        return {"seconds": time.time() - self.started, "endpoints": dict(endpoints), "models": dict(self.models),
+                "timeline": self.timeline}
 
 
 OUTCOMES = Outcomes()
@@ -112,19 +122,23 @@ class _Checked(FastHttpUser):
                 if HONOR_RETRY_AFTER:
                     gevent.sleep(float(resp.headers["Retry-After"]))
                 return
-            problem = None
+            problem, model = None, None
             if resp.status_code != 200:
                 problem = f"status {resp.status_code}: {resp.text[:200]}"
             else:
                 try:
-                    problem = check(resp.json())
+                    body = resp.json()
+                    model = body.get("model")
+                    problem = check(body)
+                    if MODELS and model not in MODELS:
+                        problem = f"answered by {model!r}, not one of {sorted(MODELS)}"
                 except (ValueError, KeyError, TypeError, IndexError) as err:
                     problem = f"bad body: {type(err).__name__}: {err}"
             if problem:
-                OUTCOMES.record(name, "error", elapsed)
+                OUTCOMES.record(name, "error", elapsed, model)
                 resp.failure(problem)
             else:
-                OUTCOMES.record(name, "ok", elapsed)
+                OUTCOMES.record(name, "ok", elapsed, model)
                 resp.success()
 
 

@@ -13,12 +13,15 @@ small pod. Reports (Locust CSV + HTML, haproxy's and Prometheus' logs, replicas.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import psutil
 
 from testkit.replicas import Fleet, Load, requests_all_succeed
 from testkit.server import ROOT
@@ -28,24 +31,50 @@ INFERENCE_ONLY = "inference=1,inspector=0,embedding=0,attribution=0"
 
 
 def throughput(fleet: Fleet, counts: list[int], users: int, duration: str, reports: Path) -> list[dict]:
-    """Closed-loop /classify clients (no pause) through the balancer, with 1, 2, ... replicas serving."""
-    from loadtests.__main__ import locust_results, run_locust
-
+    """Closed-loop /classify clients (no pause): first straight to one replica (what the balancer
+    costs), then through the balancer with 1, 2, ... replicas serving. With the machine's CPU use
+    meanwhile: how busy its cores were, and the replicas' share (their whole process trees)."""
     rows = []
     slots = list(fleet.servers)
+    fleet.serve_only(slots[:1])
+    rows.append({"replicas": 1, "through": "direct",
+                 **_closed_loop(fleet, fleet.servers[slots[0]].url, "direct", users, duration, reports)})
     for count in counts:
         fleet.serve_only(slots[:count])
         before = {slot: int(row["stot"]) for slot, row in fleet.balancer.stats().items()}
-        scenario = {"_name": f"replicas_throughput_{count}", "users": users, "spawn_rate": users,
-                    "duration": duration, "wait": "0,0", "weights": INFERENCE_ONLY}
-        run_locust(scenario, fleet.balancer.url, reports)
-        summary, _ = locust_results(scenario, reports)
-        totals = {k: sum(e.get(k, 0) for e in summary["endpoints"].values()) for k in ("ok", "shed", "error")}
+        row = _closed_loop(fleet, fleet.balancer.url, str(count), users, duration, reports)
         after = fleet.balancer.stats()
-        rows.append({"replicas": count, "ok_rps": totals["ok"] / summary["seconds"], **totals,
+        rows.append({"replicas": count, "through": "haproxy", **row,
                      "per_replica": {slot: int(after[slot]["stot"]) - before[slot] for slot in slots[:count]}})
     fleet.serve_only(slots)
     return rows
+
+
+def _closed_loop(fleet: Fleet, host: str, name: str, users: int, duration: str, reports: Path) -> dict:
+    from loadtests.__main__ import locust_results, run_locust
+
+    scenario = {"_name": f"replicas_throughput_{name}", "users": users, "spawn_rate": users,
+                "duration": duration, "wait": "0,0", "weights": INFERENCE_ONLY}
+    cpu_before, replicas_before = psutil.cpu_times(), _replica_cpu_seconds(fleet)
+    run_locust(scenario, host, reports)
+    cpu_after, replicas_after = psutil.cpu_times(), _replica_cpu_seconds(fleet)
+    summary, _ = locust_results(scenario, reports)
+    totals = {k: sum(e.get(k, 0) for e in summary["endpoints"].values()) for k in ("ok", "shed", "error")}
+    busy = sum(cpu_after) - cpu_after.idle - (sum(cpu_before) - cpu_before.idle)
+    elapsed = sum(cpu_after) - sum(cpu_before)  # core-seconds that passed
+    return {"ok_rps": totals["ok"] / summary["seconds"], **totals, "cores_busy": psutil.cpu_count() * busy / elapsed,
+            "replicas_cores": psutil.cpu_count() * (replicas_after - replicas_before) / elapsed}
+
+
+def _replica_cpu_seconds(fleet: Fleet) -> float:
+    total = 0.0
+    for server in fleet.servers.values():
+        supervisor = psutil.Process(server.process.pid)
+        for process in (supervisor, *supervisor.children(recursive=True)):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                times = process.cpu_times()
+                total += times.user + times.system
+    return total
 
 
 def rehearse_rollout(fleet: Fleet, users: int, reports: Path) -> dict:
@@ -111,13 +140,15 @@ def main(argv: list[str] | None = None) -> int:
         results = {"throughput": throughput(fleet, list(range(1, args.replicas + 1)), args.users, args.duration,
                                             args.reports)}
         for row in results["throughput"]:
-            print(f"  {row['replicas']} replica(s): {row['ok_rps']:.1f} ok requests/s, {row['shed']} shed, "
-                  f"{row['error']} errors; per replica {row['per_replica']}", flush=True)
+            print(f"  {row['replicas']} replica(s), {row['through']}: {row['ok_rps']:.1f} ok requests/s, "
+                  f"{row['shed']} shed, {row['error']} errors; cores busy {row['cores_busy']:.2f}, of which the "
+                  f"replicas {row['replicas_cores']:.2f}; per replica {row.get('per_replica', '-')}", flush=True)
         results["rollout"] = rehearse_rollout(fleet, args.rehearsal_users, args.reports)
         print(f"rolling replacement: {results['rollout']['load']}", flush=True)
         results["kill"] = rehearse_kill(fleet, args.rehearsal_users, args.reports)
         kill = results["kill"]["kill"]
-        print(f"SIGKILL of {kill['slot']}: {results['kill']['load']}; {kill['in_flight']} in flight on it, "
+        print(f"SIGKILL of {kill['slot']}: {results['kill']['load']}; slow uploads to it: {kill['uploads']}; "
+              f"{kill['in_flight']} requests in flight on it, "
               f"out of the balancer in {kill['down_s']:.2f} s, back in {kill['restart_s']:.1f} s", flush=True)
         results["aggregation"] = aggregation(fleet)
         print(f"dashboard and alert sums: {results['aggregation']['groups_compared']} groups compared", flush=True)

@@ -14,7 +14,9 @@ model's structure, before any work: model/ raises the typed errors
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,12 +26,14 @@ import torch
 
 from model import store
 from model.attribution import AttributionRequest
-from model.checkpoint import CheckpointError, Manifest, load_checkpoint, read_manifest
+from model.checkpoint import Checkpoint, CheckpointError, Manifest, load_checkpoint, read_manifest
 from model.inference import NullPredictor, Predictor, configure_cpu_threads
 from model.network import AlexNet
 from model.summary import LayerInfo, layer_table
+from service.atlas import Atlas
 from service.batching import Batcher
 from service.config import ServiceConfig
+from service.versions import check_compatible
 
 
 def locate_model(config: ServiceConfig) -> tuple[Path, str]:
@@ -54,34 +58,84 @@ def load_or_exit(path: Path):
         raise SystemExit(f"cannot serve: the model is missing, corrupt or incomplete: {err}") from None
 
 
-def build_predictor(config: ServiceConfig, path: Path, device: torch.device, cpu_threads: int) -> Predictor:
-    """The model of the checkpoint at `path`, on `device`, warmed up (compiled LRN included)."""
+def build_predictor(config: ServiceConfig, checkpoint: Checkpoint, device: torch.device, cpu_threads: int) -> Predictor:
+    """The model of a loaded (verified) checkpoint, on `device`, warmed up (compiled LRN included)."""
     if device.type == "cpu":
         configure_cpu_threads(config.torch_threads or cpu_threads)
     kind = NullPredictor if config.null_model else Predictor
-    predictor = kind(load_or_exit(path), device, config.precision, parallel=config.forward_threads)
+    predictor = kind(checkpoint, device, config.precision, parallel=config.forward_threads)
     predictor.warm_up((1, min(8, config.max_batch_size)))
     return predictor
 
 
-@dataclass
-class ModelShape:
-    """What the API process knows of the model without its weights: manifest, structure, layer table."""
+def version_key(tag: str) -> int:
+    """A number that names a version in a float32 column (24 bits: exact in float32), for the split
+    layout's model service to say which version computed a batch."""
+    return zlib.crc32(tag.encode()) & 0xFFFFFF
 
+
+@dataclass
+class ModelVersion:
+    """One version of the model as a worker serves it. Everything an answer draws on -- the weights,
+    class names, layer table, atlas, tag -- comes from one of these, so no answer mixes versions."""
+
+    tag: str
     manifest: Manifest
-    network: AlexNet  # on the "meta" device: shapes and names, no numbers
+    network: AlexNet  # the structure requests are checked against (the serving network, or on "meta")
     layers: dict[str, LayerInfo]
+    atlas: Atlas
+    predictor: Predictor | None = None  # None in the split layout's API workers: the model worker holds it
 
     @classmethod
-    def of(cls, path: Path) -> ModelShape:
+    def loaded(cls, tag: str, path: Path, predictor: Predictor) -> ModelVersion:
+        return cls(tag, predictor.manifest, predictor.model, _layers(predictor.reference),
+                   Atlas(path, predictor.manifest), predictor)
+
+    @classmethod
+    def shape_only(cls, tag: str, path: Path) -> ModelVersion:
+        """What an API worker of the split layout knows: manifest, structure, layer table, atlas."""
         manifest = read_manifest(path)
         with torch.device("meta"):
             network = AlexNet(manifest.model_config)
-        return cls.of_network(manifest, network)
+        return cls(tag, manifest, network, _layers(network), Atlas(path, manifest))
 
-    @classmethod
-    def of_network(cls, manifest: Manifest, network: AlexNet) -> ModelShape:
-        return cls(manifest, network, {row.name: row for row in layer_table(network)})
+
+def _layers(network: AlexNet) -> dict[str, LayerInfo]:
+    return {row.name: row for row in layer_table(network)}
+
+
+def load_version(config: ServiceConfig, tag: str, device: torch.device, served: Manifest | None) -> tuple:
+    """A new version, loaded beside the served one: in the store, every hash verified, compatible with
+    `served`, the precision guard applied, warmed up. Returns (version, checkpoint path); raises on any
+    problem (the served version is untouched)."""
+    path, full_tag = store.resolve(tag)
+    checkpoint = load_checkpoint(path)  # verifies the weights' and every attached file's sha256
+    if served is not None:
+        check_compatible(served, checkpoint.manifest)
+    predictor = build_predictor(config, checkpoint, device, cpu_threads=torch.get_num_threads())
+    return ModelVersion.loaded(full_tag, path, predictor), path
+
+
+_pinned: contextvars.ContextVar[ModelVersion | None] = contextvars.ContextVar("pinned_model_version", default=None)
+
+
+class _Versions:
+    """The versions a backend serves: `current`, swapped in one step, and a request's pinned one."""
+
+    current: ModelVersion
+
+    def pin(self) -> ModelVersion:
+        """Fix the version this request (this asyncio task and what it calls) uses from now on."""
+        version = self.current
+        _pinned.set(version)
+        return version
+
+    def version(self) -> ModelVersion:
+        """The request's pinned version, or the current one."""
+        return _pinned.get() or self.current
+
+    def install(self, version: ModelVersion) -> None:
+        self.current = version  # one assignment: requests see the old version or the new, never half
 
 
 @dataclass
@@ -94,45 +148,58 @@ class ExplainResult:
     input_map: np.ndarray  # (S, S) float32
     signed: bool
     layer_map: np.ndarray | None  # Grad-CAM: at the layer's resolution, in [0, 1]
+    version: ModelVersion  # the version that computed it
 
 
-class LocalBackend:
-    def __init__(self, predictor: Predictor, config: ServiceConfig, observe_batch):
-        self.predictor = predictor
-        self.shape_of = predictor.model  # for the checks
+@dataclass
+class Predictions:
+    """A request's rows of one batch, and the version that computed the batch."""
+
+    probabilities: np.ndarray  # (k, classes)
+    embeddings: np.ndarray  # (k, D)
+    version: ModelVersion
+
+
+class LocalBackend(_Versions):
+    def __init__(self, version: ModelVersion, config: ServiceConfig, observe_batch):
+        self.current = version
         self._observe = observe_batch
         self.batcher = Batcher(self._forward, self._split, config.max_batch_size, config.max_latency_ms / 1000,
                                parallel=config.forward_threads, observe=self._observed)
 
     async def _forward(self, batch: np.ndarray):
+        version = self.current  # a batch runs on one version, whatever is swapped in meanwhile
         pixels = torch.from_numpy(batch).permute(0, 3, 1, 2)  # NHWC -> NCHW, channels-last in memory
-        return await anyio.to_thread.run_sync(self.predictor.predict, pixels)
+        return await anyio.to_thread.run_sync(version.predictor.predict, pixels), version
 
     @staticmethod
-    def _split(output, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        return output.probabilities[start:stop].numpy(), output.embeddings[start:stop].numpy()
+    def _split(result, start: int, stop: int) -> Predictions:
+        output, version = result
+        return Predictions(output.probabilities[start:stop].numpy(), output.embeddings[start:stop].numpy(), version)
 
-    def _observed(self, images: int, output) -> None:
-        self._observe(images, output.forward_seconds)
+    def _observed(self, images: int, result) -> None:
+        self._observe(images, result[0].forward_seconds)
 
-    async def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(probabilities (k, C), embeddings (k, D)) for uint8 images (k, S, S, 3)."""
+    async def predict(self, images: np.ndarray) -> Predictions:
+        """Probabilities (k, C) and embeddings (k, D) for uint8 images (k, S, S, 3), batched with others."""
         return await self.batcher.submit(images)
 
-    async def activations(self, image: np.ndarray, layers: list[str], stage: str) -> dict[str, np.ndarray]:
-        found = await anyio.to_thread.run_sync(self.predictor.activations, _chw(image), layers, stage)
-        return {name: value.numpy() for name, value in found.items()}
+    async def activations(self, image: np.ndarray, layers: list[str], stage: str) -> tuple[dict, ModelVersion]:
+        version = self.version()
+        found = await anyio.to_thread.run_sync(version.predictor.activations, _chw(image), layers, stage)
+        return {name: value.numpy() for name, value in found.items()}, version
 
     async def explain(self, image: np.ndarray, request: AttributionRequest) -> ExplainResult:
-        found = await anyio.to_thread.run_sync(self.predictor.explain, _chw(image), request)
+        version = self.version()
+        found = await anyio.to_thread.run_sync(version.predictor.explain, _chw(image), request)
         return ExplainResult(found.class_index, found.probability, found.input_map.numpy(), found.signed,
-                             None if found.layer_map is None else found.layer_map.numpy())
+                             None if found.layer_map is None else found.layer_map.numpy(), version)
 
     async def kernels(self, layer: str) -> np.ndarray:
-        return self.predictor.kernels(layer).numpy()
+        return self.version().predictor.kernels(layer).numpy()
 
     async def describe(self) -> dict:
-        return describe_predictor(self.predictor)
+        return describe_predictor(self.version().predictor)
 
 
 def describe_predictor(predictor: Predictor) -> dict:
@@ -141,40 +208,54 @@ def describe_predictor(predictor: Predictor) -> dict:
             "gpu_memory": None if memory is None else dict(zip(("allocated", "reserved", "total"), memory))}
 
 
-class RemoteBackend:
+class RemoteBackend(_Versions):
     # Batches in flight from one API worker: while the model service runs one, the next forms.
     PARALLEL_BATCHES = 2
 
-    def __init__(self, model_service, shape: ModelShape, config: ServiceConfig, observe_batch):
+    def __init__(self, model_service, version: ModelVersion, config: ServiceConfig, observe_batch):
         self.remote = model_service.to_async
-        self.shape_of = shape.network
-        self.classes = shape.manifest.model_config.num_classes
+        self.current = version
+        self.classes = version.manifest.model_config.num_classes
+        self.known = {version_key(version.tag): version}  # the versions the model service may answer with
+        self.catch_up = lambda: None  # set by the service: hear an order the model service acted on first
         self._observe = observe_batch
         self.batcher = Batcher(lambda batch: self.remote.predict(batch), self._split, config.max_batch_size,
                                config.max_latency_ms / 1000, parallel=self.PARALLEL_BATCHES, observe=self._observed)
 
-    def _split(self, out: np.ndarray, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        # columns: probabilities | embedding | forward seconds per image of the batch it ran in
-        return out[start:stop, :self.classes], out[start:stop, self.classes:-1]
+    def install(self, version: ModelVersion) -> None:
+        self.known[version_key(version.tag)] = version
+        super().install(version)
+
+    def _answered_by(self, key: float) -> ModelVersion:
+        if int(key) not in self.known:
+            self.catch_up()
+        return self.known.get(int(key), self.current)
+
+    def _split(self, out: np.ndarray, start: int, stop: int) -> Predictions:
+        # columns: probabilities | embedding | forward seconds per image | the version's key
+        rows = out[start:stop]
+        return Predictions(rows[:, :self.classes], rows[:, self.classes:-2], self._answered_by(rows[0, -1]))
 
     def _observed(self, images: int, out: np.ndarray) -> None:
-        self._observe(images, float(out[:, -1].sum()))
+        self._observe(images, float(out[:, -2].sum()))
 
-    async def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    async def predict(self, images: np.ndarray) -> Predictions:
         return await self.batcher.submit(images)
 
-    async def activations(self, image: np.ndarray, layers: list[str], stage: str) -> dict[str, np.ndarray]:
+    async def activations(self, image: np.ndarray, layers: list[str], stage: str) -> tuple[dict, ModelVersion]:
         """`layers` come checked by the endpoint (typed errors cannot cross processes)."""
-        return dict(zip(layers, await self.remote.activations(image, layers, stage)))
+        *maps, key = await self.remote.activations(image, layers, stage)
+        return dict(zip(layers, maps)), self._answered_by(float(key[0]))
 
     async def explain(self, image: np.ndarray, request: AttributionRequest) -> ExplainResult:
         """`request` comes resolved (checked against the model's structure) by the endpoint."""
         found = await self.remote.explain(image, dataclasses.asdict(request))
         layer_map = found.layer_map if found.layer_map.size else None
-        return ExplainResult(found.class_index, found.probability, found.input_map, found.signed, layer_map)
+        return ExplainResult(found.class_index, found.probability, found.input_map, found.signed, layer_map,
+                             self._answered_by(found.version_key))
 
     async def kernels(self, layer: str) -> np.ndarray:
-        self.shape_of.check_conv_layer(layer)
+        self.version().network.check_conv_layer(layer)
         return await self.remote.kernels(layer)
 
     async def describe(self) -> dict:

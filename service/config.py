@@ -81,6 +81,7 @@ class ServiceConfig:
     request_timeout_s: int = 30
     retry_after_s: int = 1
     api_key: str | None = field(default=None, repr=False)
+    admin_key: str | None = field(default=None, repr=False)  # POST /admin/model (model updates); off when unset
 
     @classmethod
     def from_env(cls) -> ServiceConfig:
@@ -108,6 +109,7 @@ class ServiceConfig:
             request_timeout_s=_int("REQUEST_TIMEOUT_S", cls.request_timeout_s),
             retry_after_s=_int("RETRY_AFTER_S", cls.retry_after_s),
             api_key=os.environ.get("API_KEY") or None,
+            admin_key=os.environ.get("ADMIN_KEY") or None,
         )
 
 

@@ -12,6 +12,7 @@ only with the key, never without it.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -25,13 +26,18 @@ class Endpoint:
     sheddable: bool = False
     cost: str = ""  # what admission charges one request, in single-image forward passes (for the spec)
     prefix: bool = False  # also every path under it (mounted static files)
+    admin: bool = False  # needs ADMIN_KEY (not API_KEY), and is off when none is set
+    pattern: str = ""  # a regular expression the whole path must match instead (paths with parameters)
+    metric: str = ""  # the metrics' endpoint label, where the path's first segment is not it
 
     @property
     def label(self) -> str:
         """The endpoint label of the service's metrics (cnn_images_processed_total{endpoint=...})."""
-        return self.path.strip("/").split("/")[0]
+        return self.metric or self.path.strip("/").split("/")[0]
 
     def matches(self, path: str) -> bool:
+        if self.pattern:
+            return re.fullmatch(self.pattern, path) is not None
         return path == self.path or (self.prefix and path.startswith(self.path.rstrip("/") + "/"))
 
 
@@ -42,10 +48,18 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("/feature_maps", sheddable=True, cost="one forward pass"),
     Endpoint("/gradcam", sheddable=True, cost="three forward passes (Grad-CAM: a forward and a backward pass)"),
     Endpoint("/explain", sheddable=True, cost="the method's forward passes (`forward_passes` in the answer)"),
+    # the Open Inference Protocol (service.oip): infer needs the key and sheds like the others; health is open
+    Endpoint("/v2/models/{name}[/versions/{version}]/infer", sheddable=True, metric="v2_infer",
+             pattern=r"/v2/models/[^/]+(/versions/[^/]+)?/infer",
+             cost="one forward pass per image (two with feature maps)"),
+    Endpoint("/v2/health/live", "GET", open=True),
+    Endpoint("/v2/health/ready", "GET", open=True),
     # introspection (service.introspection)
     Endpoint("/model", "GET"),
     Endpoint("/kernels", "GET"),
     Endpoint("/atlas", "GET"),
+    # administration (service.versions): move every worker to another model version
+    Endpoint("/admin/model", admin=True),
     # open: health probes, metrics, the spec and BentoML's page showing it, the inspector's files
     Endpoint("/livez", "GET", open=True),
     Endpoint("/readyz", "GET", open=True),
@@ -65,10 +79,20 @@ def find(path: str) -> Endpoint | None:
     return next((endpoint for endpoint in ENDPOINTS if endpoint.matches(path)), None)
 
 
+def speaks_oip(path: str) -> bool:
+    """A path of the Open Inference Protocol (service.oip), whose error bodies are its {"error": "..."}."""
+    return path == "/v2" or path.startswith("/v2/")
+
+
 def is_open(path: str) -> bool:
     """Served without the API key? Only what is declared open; anything else, declared or not, needs it."""
     endpoint = find(path)
     return endpoint is not None and endpoint.open
+
+
+def is_admin(path: str) -> bool:
+    endpoint = find(path)
+    return endpoint is not None and endpoint.admin
 
 
 def is_sheddable(method: str, path: str) -> bool:

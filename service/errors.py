@@ -30,6 +30,10 @@ class Refusal(Exception):
     def response(self) -> JSONResponse:
         return JSONResponse(error_body(self.reason, self.detail), status_code=self.status, headers=self.headers)
 
+    def oip_response(self) -> JSONResponse:
+        """The Open Inference Protocol's error body (service.oip): one message, reason code first."""
+        return JSONResponse({"error": f"{self.reason}: {self.detail}"}, status_code=self.status, headers=self.headers)
+
 
 def error_body(reason: str, detail: str) -> dict[str, str]:
     """The documented error body (schemas.ErrorBody): a stable reason code, and what was wrong for people."""

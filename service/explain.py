@@ -20,12 +20,12 @@ async def gradcam(service, image: np.ndarray, request: AttributionRequest) -> Gr
     has always had: the map at the layer's resolution, and the heat map as a PNG.
     `service`: the running service (its backend, layer table, classes, tag, input size)."""
     found = await service.backend.explain(image, request)
-    class_names, input_size = service.manifest.class_names, service.input_size
+    class_names, input_size = found.version.manifest.class_names, service.input_size
     heatmap = torch.from_numpy(found.input_map)  # the layer map upsampled to the input, in [0, 1]
     png = await anyio.to_thread.run_sync(lambda: encode_png(heatmap_rgba(heatmap)))
-    row = service.layers[request.layer]
+    row = found.version.layers[request.layer]
     return GradCamResponse(
-        model=service.model_tag, layer=request.layer, class_index=found.class_index, label=class_names[found.class_index],
+        model=found.version.tag, layer=request.layer, class_index=found.class_index, label=class_names[found.class_index],
         probability=found.probability, input_size=input_size, layer_map=float16_payload(torch.from_numpy(found.layer_map)),
         receptive_field=row.receptive_field, jump=row.jump, heatmap_png=base64.b64encode(png).decode(),
     )
@@ -34,13 +34,13 @@ async def gradcam(service, image: np.ndarray, request: AttributionRequest) -> Gr
 async def explain(service, image: np.ndarray, request: AttributionRequest) -> ExplainResponse:
     """/explain for one decoded image, `request` resolved."""
     found = await service.backend.explain(image, request)
-    class_names, input_size = service.manifest.class_names, service.input_size
+    class_names, input_size = found.version.manifest.class_names, service.input_size
     attribution = torch.from_numpy(found.input_map)
     evidence = attribution.clamp(min=0)
     heat = evidence / evidence.max().clamp(min=1e-12)
     png = await anyio.to_thread.run_sync(lambda: encode_png(heatmap_rgba(heat)))
     return ExplainResponse(
-        model=service.model_tag, method=request.method, class_index=found.class_index, label=class_names[found.class_index],
+        model=found.version.tag, method=request.method, class_index=found.class_index, label=class_names[found.class_index],
         probability=found.probability, input_size=input_size, signed=found.signed,
         attribution=float16_payload(attribution), overlay_png=base64.b64encode(png).decode(),
         layer=request.layer, window=request.window, stride=request.stride,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 import numpy as np
@@ -35,11 +36,13 @@ class FeatureMapsRequest:
         return dataclasses.replace(self, layers=names)
 
 
-async def feature_maps(service, image: np.ndarray, request: FeatureMapsRequest) -> tuple[list[LayerFeatureMaps], int]:
-    """The layer bodies of a /feature_maps answer for one decoded image (`request` resolved), and their
-    payload bytes. `service`: the running service (its backend, layer table and limits)."""
+async def feature_maps(service, image: np.ndarray, request: FeatureMapsRequest) -> tuple[list[LayerFeatureMaps], int,
+                                                                                       Any]:
+    """The layer bodies of a /feature_maps answer for one decoded image (`request` resolved), their
+    payload bytes, and the model version that computed them. `service`: the running service (its
+    backend, layer table and limits)."""
     names, fmt = request.layers, request.format
-    found = await service.backend.activations(image, names, request.stage)
+    found, version = await service.backend.activations(image, names, request.stage)
     activations = {name: torch.from_numpy(found[name]) for name in names}
     chosen = {n: choose_channels(service.layers[n], activations[n], request) for n in names}
     size = estimated_bytes(activations, chosen, fmt)
@@ -51,7 +54,7 @@ async def feature_maps(service, image: np.ndarray, request: FeatureMapsRequest) 
     bodies = await anyio.to_thread.run_sync(
         lambda: [layer_payload(service.layers[n], activations[n], chosen[n], fmt) for n in names]
     )
-    return bodies, sum(len(b.png or "") + len(b.array.data if b.array else "") for b in bodies)
+    return bodies, sum(len(b.png or "") + len(b.array.data if b.array else "") for b in bodies), version
 
 
 def choose_channels(info: LayerInfo, activation: torch.Tensor, request: FeatureMapsRequest) -> list[int]:

@@ -1,10 +1,12 @@
 """HTTP guards in front of every endpoint, one ASGI middleware per job, added in
 service.service in the order they run:
 
-  UniformErrors   every error body as the documented {"error", "detail"}
+  UniformErrors   every error body as the documented {"error", "detail"} (the Open Inference
+                  Protocol's paths, /v2/..., answer its {"error": "..."} instead; service.oip)
   AmendDocs       /docs.json amended with what BentoML cannot know (service.rewrites)
   AddRetryAfter   Retry-After on every 503
   RequireApiKey   401 without the key, on every path not declared open (service.endpoints)
+  RequireAdminKey 401 without ADMIN_KEY on the admin paths; 403 when none is set (they are off)
   ShedWhenFull    503 for inference while the model is full, before the body is read
   LimitBody       413 over MAX_BODY_BYTES; reads the body once and passes it on whole
   CheckMultipart  400 for a multipart body BentoML would choke on, or text in a file field
@@ -47,11 +49,14 @@ class _Guard:
 
     @staticmethod
     async def refuse(refusal: Refusal, scope, receive, send) -> None:
-        await refusal.response()(scope, receive, send)
+        oip = endpoints.speaks_oip(scope.get("path", ""))
+        await (refusal.oip_response() if oip else refusal.response())(scope, receive, send)
 
 
 class UniformErrors(_Guard):
     async def guard(self, scope, receive, send):
+        if endpoints.speaks_oip(scope.get("path", "")):  # its own error bodies (service.oip)
+            return await self.app(scope, receive, send)
         await self.app(scope, receive, uniform_errors(send))
 
 
@@ -79,37 +84,55 @@ class AddRetryAfter(_Guard):
         await self.app(scope, receive, wrapped)
 
 
-class RequireApiKey(_Guard):
-    def __init__(self, app, api_key: str | None):
+class _Check(_Guard):
+    """A guard that decides from the request line and headers alone: `check(scope)` gives a refusal,
+    or None to pass the request on."""
+
+    def __init__(self, app, setting=None):
         super().__init__(app)
-        self.api_key = api_key.encode() if api_key else None
+        self.setting = setting
 
     async def guard(self, scope, receive, send):
-        if self.api_key and not endpoints.is_open(scope.get("path", "")) and not self._authorized(scope):
-            refusal = Refusal(401, "unauthorized", "missing or wrong 'Authorization: Bearer <key>'",
-                              {"WWW-Authenticate": "Bearer"})
+        refusal = self.check(scope)
+        if refusal is not None:
             return await self.refuse(refusal, scope, receive, send)
         await self.app(scope, receive, send)
 
-    def _authorized(self, scope) -> bool:
-        value = _header(scope, b"authorization")
-        if value is None:
-            return False
-        scheme, _, token = value.partition(b" ")
-        # compare_digest: the time taken does not reveal how much of the key matched
-        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)
+    def check(self, scope) -> Refusal | None:
+        raise NotImplementedError
 
 
-class ShedWhenFull(_Guard):
-    def __init__(self, app, retry_after_s: int):
-        super().__init__(app)
-        self.retry_after_s = retry_after_s
+class RequireApiKey(_Check):
+    """setting: API_KEY (None: no check)."""
 
-    async def guard(self, scope, receive, send):
+    def check(self, scope) -> Refusal | None:
+        path = scope.get("path", "")
+        exempt = endpoints.is_open(path) or endpoints.is_admin(path)  # admin paths have a key of their own
+        if self.setting and not exempt and not _bearer_matches(scope, self.setting):
+            return _unauthorized("key")
+        return None
+
+
+class RequireAdminKey(_Check):
+    """setting: ADMIN_KEY. The admin endpoints (service.endpoints, `admin=True`) need it; with none set
+    they are off: moving the served model is a deliberate opt-in (SECURITY.md)."""
+
+    def check(self, scope) -> Refusal | None:
+        if not endpoints.is_admin(scope.get("path", "")):
+            return None
+        if not self.setting:
+            return Refusal(403, "admin_off", "model updates without a restart are off: set ADMIN_KEY")
+        return None if _bearer_matches(scope, self.setting) else _unauthorized("admin key")
+
+
+class ShedWhenFull(_Check):
+    """setting: RETRY_AFTER_S."""
+
+    def check(self, scope) -> Refusal | None:
         path = scope.get("path", "")
         if endpoints.is_sheddable(scope.get("method", ""), path) and _model_full(path):
-            return await self.refuse(Refusal.overloaded(self.retry_after_s), scope, receive, send)
-        await self.app(scope, receive, send)
+            return Refusal.overloaded(self.setting)
+        return None
 
 
 class LimitBody(_Guard):
@@ -144,6 +167,20 @@ class CheckMultipart(_Guard):
         if refusal is not None:
             return await self.refuse(refusal, scope, _replay(body), send)
         await self.app(scope, _replay(body), send)
+
+
+def _unauthorized(what: str) -> Refusal:
+    return Refusal(401, "unauthorized", f"missing or wrong 'Authorization: Bearer <{what}>'",
+                   {"WWW-Authenticate": "Bearer"})
+
+
+def _bearer_matches(scope, key: str) -> bool:
+    value = _header(scope, b"authorization")
+    if value is None:
+        return False
+    scheme, _, token = value.partition(b" ")
+    # compare_digest: the time taken does not reveal how much of the key matched
+    return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key.encode())
 
 
 def _model_full(path: str) -> bool:
@@ -251,7 +288,8 @@ def add_guards(service_class, config) -> None:
     service_class.add_asgi_middleware(UniformErrors)
     service_class.add_asgi_middleware(AmendDocs)
     service_class.add_asgi_middleware(AddRetryAfter, retry_after_s=config.retry_after_s)
-    service_class.add_asgi_middleware(RequireApiKey, api_key=config.api_key)
-    service_class.add_asgi_middleware(ShedWhenFull, retry_after_s=config.retry_after_s)
+    service_class.add_asgi_middleware(RequireApiKey, setting=config.api_key)
+    service_class.add_asgi_middleware(RequireAdminKey, setting=config.admin_key)
+    service_class.add_asgi_middleware(ShedWhenFull, setting=config.retry_after_s)
     service_class.add_asgi_middleware(LimitBody, max_body_bytes=config.max_body_bytes)
     service_class.add_asgi_middleware(CheckMultipart)

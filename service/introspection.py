@@ -21,6 +21,7 @@ from starlette.staticfiles import StaticFiles
 
 from model.checkpoint import CheckpointError
 from model.visualize import encode_png, kernel_grid
+from service import versions
 from service.errors import Refusal, refusal_for
 
 UI_DIR = Path(__file__).parent / "ui"
@@ -58,6 +59,8 @@ async def describe_model(service) -> dict:
             "max_feature_map_bytes": config.max_feature_map_bytes,
         },
         "layers": [row.to_dict() for row in service.layers.values()],
+        # what every worker serves, from the moves' control directory (service.versions)
+        "workers": [status.to_dict() for status in service.versions.control.statuses()],
     }
 
 
@@ -105,6 +108,30 @@ def _refused(err: Exception, service) -> Response:
     return refusal.response()
 
 
+async def move_model(request: Request) -> Response:
+    """POST {"tag": "cnn-classifier:<version>"}: move every worker to that version (service.versions),
+    answering when all serve it, or saying which did not and why (then all are back on the old one)."""
+    service = bentoml.get_current_service()
+    try:
+        tag = (await request.json())["tag"]
+        if not isinstance(tag, str) or not tag:
+            raise ValueError
+    except (ValueError, KeyError, TypeError):
+        return Refusal(400, "invalid_request", 'send {"tag": "<model name>:<version>"}').response()
+    served = service.backend.current
+    try:
+        full_tag = await anyio.to_thread.run_sync(versions.check_candidate, tag, served.manifest)
+    except versions.MoveRefused as err:
+        service.metrics.model_swaps.labels("refused").inc()
+        return Refusal(err.status, err.reason, err.detail).response()
+    expected = service.layout.api_workers + service.layout.model_workers
+    result = await anyio.to_thread.run_sync(versions.move_all, service.versions.control, full_tag, served.tag,
+                                            expected, float(service.config.request_timeout_s * 4))
+    if not result.moved:
+        return JSONResponse({"error": result.reason, "detail": result.detail, **result.to_dict()}, status_code=409)
+    return JSONResponse(result.to_dict())
+
+
 async def ui_root(request: Request) -> Response:
     return RedirectResponse("/ui/")
 
@@ -113,6 +140,7 @@ introspection_app = Starlette(routes=[
     Route("/model", model_info, methods=["GET"]),
     Route("/kernels", kernels, methods=["GET"]),
     Route("/atlas", atlas, methods=["GET"]),
+    Route("/admin/model", move_model, methods=["POST"]),
     Route("/ui", ui_root, methods=["GET"]),
     Mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui"),
 ])

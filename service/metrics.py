@@ -50,6 +50,16 @@ class ServiceMetrics:
             "cnn_model_info", "The loaded model (value is always 1).",
             ["tag", "preset", "sha256", "device", "dtype"], multiprocess_mode="livemax",
         )
+        self._announced: tuple | None = None
+        self.model_swaps = prom.Counter("cnn_model_swaps_total",
+                                        "Moves of a worker to another model version, by result (ok, refused).",
+                                        ["result"])
+        self.model_swap_seconds = prom.Histogram(
+            "cnn_model_swap_seconds", "Seconds to load, verify, warm up and swap in a model version.",
+            buckets=(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0),
+        )
+        for result in ("ok", "refused"):
+            self.model_swaps.labels(result)
         # Per worker process; a pod's figure is the sum (images) or the largest (load) over its workers.
         self.inflight_images = prom.Gauge("cnn_inflight_images", "Images admitted and not yet answered.",
                                           multiprocess_mode="livesum")
@@ -69,9 +79,20 @@ class ServiceMetrics:
             self.images.labels(endpoint.label)  # series exist at 0 from the start: "no traffic" is visible
 
     def announce_model(self, tag: str, predictor, device_type: str) -> None:
-        """cnn_model_info for the Predictor this worker loaded (API worker or model worker)."""
+        """cnn_model_info for the version this worker serves (API worker or model worker): 1 for it, 0 for
+        the one it replaced (a multiprocess gauge cannot drop a series; alerts read `== 1`)."""
         manifest = predictor.manifest
-        self.model_info.labels(tag, manifest.preset, manifest.weights_sha256, device_type, predictor.dtype_name).set(1)
+        labels = (tag, manifest.preset, manifest.weights_sha256, device_type, predictor.dtype_name)
+        if self._announced is not None and self._announced != labels:
+            self.model_info.labels(*self._announced).set(0)
+        self.model_info.labels(*labels).set(1)
+        self._announced = labels
+
+    def observe_swap(self, result: str, seconds: float) -> None:
+        """A move of this worker to another version: ok, or refused (the old version kept serving)."""
+        self.model_swaps.labels(result).inc()
+        if result == "ok":
+            self.model_swap_seconds.observe(seconds)
 
     def observe_admission(self, admission) -> None:
         self.inflight_images.set(admission.inflight)

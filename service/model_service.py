@@ -24,9 +24,12 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from model.attribution import AttributionRequest
-from service.backend import build_predictor, describe_predictor, locate_model
+from service.backend import (
+    ModelVersion, build_predictor, describe_predictor, load_or_exit, load_version, locate_model, version_key,
+)
 from service.config import CONFIG, Layout
 from service.metrics import ServiceMetrics
+from service.versions import follow_versions
 
 LAYOUT = Layout.choose(CONFIG)
 
@@ -38,6 +41,7 @@ class ExplainPayload(BaseModel):
     input_map: np.ndarray
     signed: bool
     layer_map: np.ndarray  # empty (0, 0) for the methods without one: BentoML's schemas take no `ndarray | None`
+    version_key: int  # the version that computed it (service.backend.version_key)
 
 
 def _device_for_worker() -> torch.device:
@@ -64,47 +68,61 @@ def _device_for_worker() -> torch.device:
 )
 class ModelService:
     def __init__(self) -> None:
-        path, self.model_tag = locate_model(CONFIG)
-        device = _device_for_worker()
-        self.predictor = build_predictor(CONFIG, path, device, cpu_threads=1)
-        self.metrics = ServiceMetrics(device.type)
-        self.metrics.announce_model(self.model_tag, self.predictor, device.type)
-        self.classes = self.predictor.manifest.model_config.num_classes
+        path, tag = locate_model(CONFIG)
+        self.device = _device_for_worker()
+        version = ModelVersion.loaded(tag, path, build_predictor(CONFIG, load_or_exit(path), self.device, cpu_threads=1))
+        self.metrics = ServiceMetrics(self.device.type)
+        self.current = version
+        self.install(version)
+        self.classes = version.manifest.model_config.num_classes
+        self.follower = follow_versions(self, "model", version.tag)
+
+    def load(self, tag: str) -> ModelVersion:
+        return load_version(CONFIG, tag, self.device, self.current.manifest)[0]
+
+    def install(self, version: ModelVersion) -> None:
+        self.metrics.announce_model(version.tag, version.predictor, self.device.type)
+        self.current = version  # one assignment; each call below reads it once
 
     @bentoml.api(batchable=True, max_batch_size=CONFIG.max_batch_size, max_latency_ms=CONFIG.max_latency_ms)
     def predict(self, images: np.ndarray) -> np.ndarray:
-        """uint8 (N, S, S, 3) -> float32 (N, classes + D + 1): probabilities | embedding | forward seconds / N."""
-        output = self.predictor.predict(torch.from_numpy(images).permute(0, 3, 1, 2))
+        """uint8 (N, S, S, 3) -> float32 (N, classes + D + 2): probabilities | embedding | forward seconds / N |
+        the key of the version that ran the batch (service.backend.version_key)."""
+        version = self.current
+        output = version.predictor.predict(torch.from_numpy(images).permute(0, 3, 1, 2))
         self.metrics.observe_batch(len(images), output.forward_seconds)
         self._update_gpu_gauges()
         per_image = torch.full((len(images), 1), output.forward_seconds / len(images))
-        return torch.cat([output.probabilities, output.embeddings, per_image], dim=1).numpy()
+        key = torch.full((len(images), 1), float(version_key(version.tag)))
+        return torch.cat([output.probabilities, output.embeddings, per_image, key], dim=1).numpy()
 
     @bentoml.api
     def activations(self, image: np.ndarray, layers: list[str], stage: str = "post_relu") -> list[np.ndarray]:
-        found = self.predictor.activations(torch.from_numpy(image).permute(2, 0, 1), layers, stage)
-        return [found[name].numpy() for name in layers]
+        """The maps of `layers`, then the key of the version that computed them."""
+        version = self.current
+        found = version.predictor.activations(torch.from_numpy(image).permute(2, 0, 1), layers, stage)
+        return [*(found[name].numpy() for name in layers), np.array([version_key(version.tag)], np.float64)]
 
     @bentoml.api
     def explain(self, image: np.ndarray, request: dict) -> ExplainPayload:
         """`request`: a resolved model.attribution.AttributionRequest's fields."""
-        request = AttributionRequest(**request)
-        found = self.predictor.explain(torch.from_numpy(image).permute(2, 0, 1), request)
+        version = self.current
+        found = version.predictor.explain(torch.from_numpy(image).permute(2, 0, 1), AttributionRequest(**request))
         return ExplainPayload(class_index=found.class_index, probability=found.probability,
                               input_map=found.input_map.numpy(), signed=found.signed,
                               layer_map=np.zeros((0, 0), np.float32) if found.layer_map is None
-                              else found.layer_map.numpy())
+                              else found.layer_map.numpy(), version_key=version_key(version.tag))
 
     @bentoml.api
     def kernels(self, layer: str) -> np.ndarray:
-        return self.predictor.kernels(layer).numpy()
+        return self.current.predictor.kernels(layer).numpy()
 
     @bentoml.api
     def describe(self) -> dict:
-        return describe_predictor(self.predictor)
+        return describe_predictor(self.current.predictor)
 
     def _update_gpu_gauges(self) -> None:
-        memory = self.predictor.gpu_memory()
+        memory = self.current.predictor.gpu_memory()
         if memory is not None:
             self.metrics.gpu_allocated.set(memory[0])
             self.metrics.gpu_reserved.set(memory[1])

@@ -32,15 +32,19 @@ from service import feature_maps as maps
 from service.explain import explain as explain_image
 from service.explain import gradcam as gradcam_image
 from service.admission import Admission
-from service.atlas import Atlas
-from service.backend import LocalBackend, ModelShape, RemoteBackend, build_predictor, load_or_exit, locate_model
+from model import store
+from service.backend import (
+    LocalBackend, ModelVersion, Predictions, RemoteBackend, build_predictor, load_or_exit, load_version, locate_model,
+)
 from service.config import CONFIG, Layout
 from service.decoding import Decoder
 from service.errors import Refusal, refusal_for
 from service.guards import add_guards
 from service.inputs import collect_payloads
 from service.introspection import introspection_app
+from service.oip import oip_app
 from service.metrics import ServiceMetrics
+from service.versions import follow_versions
 from service.schemas import (
     ClassifyResponse, EmbedResponse, ExplainMethod, ExplainResponse, FeatureFormat, FeatureMapsResponse,
     GradCamResponse, ImagePrediction, LabelScore, Stage,
@@ -72,6 +76,7 @@ if LAYOUT.split:
 
 
 @bentoml.asgi_app(introspection_app, path="/")
+@bentoml.asgi_app(oip_app, path="/")  # full /v2/... paths: GET /v2 itself must answer (service.oip)
 @bentoml.service(
     name="cnn_service",
     workers=LAYOUT.api_workers,
@@ -88,34 +93,69 @@ class CNNService:
         self.ready = False
         self.config = CONFIG
         self.layout = LAYOUT
-        self.model_tag = MODEL_TAG
-        device = pick_device(CONFIG.device)
-        self.metrics = ServiceMetrics("cpu" if LAYOUT.split else device.type)
+        self.device = pick_device(CONFIG.device)
+        self.metrics = ServiceMetrics("cpu" if LAYOUT.split else self.device.type)
         budget = CONFIG.admission_target * CONFIG.max_latency_ms / 1000
         if LAYOUT.split:  # each API worker admits its share of what the model can take in the budget
-            shape = ModelShape.of(MODEL_PATH)
-            self.backend = RemoteBackend(self.model_service, shape, CONFIG, self._observe_batch)
+            version = ModelVersion.shape_only(MODEL_TAG, MODEL_PATH)
+            self.backend = RemoteBackend(self.model_service, version, CONFIG, self._observe_batch)
             self.admission = Admission(budget / LAYOUT.api_workers, initial_rate=100.0)
         else:
             # Every worker's forward may use every core: alone (low load) it is as fast as one process;
             # busy, the workers share them (BENCHMARKS.md measured 1 vs 2 workers, 1 vs all threads).
-            predictor = build_predictor(CONFIG, MODEL_PATH, device, cpu_threads=os.cpu_count() or 1)
-            shape = ModelShape.of_network(predictor.manifest, predictor.reference)
-            self.backend = LocalBackend(predictor, CONFIG, self._observe_batch)
+            predictor = build_predictor(CONFIG, load_or_exit(MODEL_PATH), self.device, cpu_threads=os.cpu_count() or 1)
+            version = ModelVersion.loaded(MODEL_TAG, MODEL_PATH, predictor)
+            self.backend = LocalBackend(version, CONFIG, self._observe_batch)
             probe = predictor.predict(torch.zeros(8, 3, predictor.input_size, predictor.input_size,
                                                   dtype=torch.uint8))
             self.admission = Admission(budget, 8 / probe.forward_seconds)
-            self.metrics.announce_model(self.model_tag, predictor, device.type)
-        self.manifest, self.layers = shape.manifest, shape.layers
-        self.atlas = Atlas(MODEL_PATH, shape.manifest)
-        self.input_size = shape.manifest.preprocessing.input_size
-        gpu = device if device.type == "cuda" and CONFIG.gpu_decode != "off" else None
-        self.decoder = Decoder(shape.manifest.preprocessing,
+            self.metrics.announce_model(version.tag, predictor, self.device.type)
+        self.input_size = version.manifest.preprocessing.input_size  # the same for every version it may move to
+        gpu = self.device if self.device.type == "cuda" and CONFIG.gpu_decode != "off" else None
+        self.decoder = Decoder(version.manifest.preprocessing,
                                DecodeLimits(max_bytes=CONFIG.max_image_bytes, max_pixels=CONFIG.max_image_pixels), gpu)
+        self.versions = follow_versions(self, "api" if LAYOUT.split else "model", version.tag)
+        if LAYOUT.split:
+            self.backend.catch_up = self.versions.step
         freeze_startup_heap()
         self.ready = True
         print(f"serving {self.model_tag} ({self.manifest.preset}, {len(self.manifest.class_names)} classes); "
               f"layout {LAYOUT.describe()}", flush=True)
+
+    # ----- the served version: everything a request draws on comes from one ------------------
+
+    @property
+    def version(self) -> ModelVersion:
+        """The version this request pinned (service.backend), or the current one."""
+        return self.backend.version()
+
+    @property
+    def model_tag(self) -> str:
+        return self.version.tag
+
+    @property
+    def manifest(self):
+        return self.version.manifest
+
+    @property
+    def layers(self):
+        return self.version.layers
+
+    @property
+    def atlas(self):
+        return self.version.atlas
+
+    def load(self, tag: str) -> ModelVersion:
+        """A version to move to, loaded beside the served one (service.versions calls this)."""
+        if LAYOUT.split:  # the model worker loads the weights; this worker needs the shape and the atlas
+            path, full_tag = store.resolve(tag)
+            return ModelVersion.shape_only(full_tag, path)
+        return load_version(CONFIG, tag, self.device, self.backend.current.manifest)[0]
+
+    def install(self, version: ModelVersion) -> None:
+        if version.predictor is not None:
+            self.metrics.announce_model(version.tag, version.predictor, self.device.type)
+        self.backend.install(version)
 
     def __is_ready__(self) -> bool:
         return self.ready
@@ -167,12 +207,12 @@ class CNNService:
         default): ask for fewer layers or channels beyond that."""
         async def run() -> FeatureMapsResponse:
             request = maps.FeatureMapsRequest(layers, channels, top_channels, stage, format)
-            request = request.resolved(self.backend.shape_of)
+            request = request.resolved(self.version.network)
 
             async def work(pixels: np.ndarray) -> FeatureMapsResponse:
-                bodies, size = await maps.feature_maps(self, pixels, request)
+                bodies, size, version = await maps.feature_maps(self, pixels, request)
                 self.metrics.feature_map_bytes.labels(format).inc(size)
-                return FeatureMapsResponse(model=self.model_tag, stage=stage, format=format,
+                return FeatureMapsResponse(model=version.tag, stage=stage, format=format,
                                            input_size=self.input_size, layers=bodies)
 
             return await self._on_one_image("feature_maps", image, image_base64, work)
@@ -218,6 +258,7 @@ class CNNService:
 
     async def _guarded(self, endpoint: str, work):
         """Run an endpoint's work; refusals (ours, and the model's typed ones) become 4xx answers."""
+        self.backend.pin()  # this request's version, from its checks to its answer
         try:
             return await work
         except Exception as err:
@@ -230,7 +271,7 @@ class CNNService:
     async def _attribution(self, endpoint: str, image, image_base64, request: AttributionRequest, respond):
         """/explain and /gradcam: the request resolved (defaults filled in, checked against the model) once,
         before any decoding; admitted at its cost; `respond(service, pixels, request)` shapes the answer."""
-        request = request.resolved(self.backend.shape_of)
+        request = request.resolved(self.version.network)
 
         async def work(pixels: np.ndarray):
             return await respond(self, pixels, request)
@@ -251,21 +292,22 @@ class CNNService:
     async def _decode(self, endpoint: str, payloads: list[bytes]) -> np.ndarray:
         return await self.decoder.decode(payloads, self.metrics.preprocess_seconds.labels(endpoint, self.metrics.device))
 
-    async def _predict(self, endpoint: str, images, images_base64) -> tuple[np.ndarray, np.ndarray]:
+    async def _predict(self, endpoint: str, images, images_base64) -> Predictions:
         payloads = collect_payloads(images, images_base64, True, self.config.max_images_per_request)
         async with self._admitted(len(payloads)):
             return await self.backend.predict(await self._decode(endpoint, payloads))
 
     async def _classify(self, images, images_base64, top_k: int) -> ClassifyResponse:
-        probabilities, _ = await self._predict("classify", images, images_base64)
-        return self._top_k(probabilities, top_k)
+        return self._top_k(await self._predict("classify", images, images_base64), top_k)
 
     async def _embed(self, images, images_base64, normalize: bool) -> EmbedResponse:
-        _, embeddings = await self._predict("embed", images, images_base64)
+        predicted = await self._predict("embed", images, images_base64)
+        embeddings = predicted.embeddings
         if normalize:
             embeddings = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
         self.metrics.images.labels("embed").inc(len(embeddings))
-        return EmbedResponse(model=self.model_tag, layer=self.backend.shape_of.embedding_layer, dim=embeddings.shape[1],
+        return EmbedResponse(model=predicted.version.tag, layer=predicted.version.network.embedding_layer,
+                             dim=embeddings.shape[1],
                              normalized=normalize, embeddings=embeddings.tolist())
 
     async def _on_one_image(self, endpoint: str, image, image_base64, work, cost: int = 1):
@@ -279,10 +321,12 @@ class CNNService:
         self.metrics.images.labels(endpoint).inc()
         return result
 
-    def _top_k(self, probabilities: np.ndarray, top_k: int) -> ClassifyResponse:
+    def _top_k(self, predicted: Predictions, top_k: int) -> ClassifyResponse:
+        """The answer of the version that ran the batch: its probabilities, its class names, its tag."""
+        probabilities = predicted.probabilities
         k = min(top_k, probabilities.shape[1])
         order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
-        names = self.manifest.class_names
+        names = predicted.version.manifest.class_names
         scores = np.take_along_axis(probabilities, order, axis=1)
         predictions = [
             ImagePrediction(top_k=[LabelScore(label=names[i], index=i, probability=p)
@@ -290,7 +334,7 @@ class CNNService:
             for row, values in zip(order, scores)
         ]
         self.metrics.observe_predictions([names[int(i)] for i in order[:, 0]], scores[:, 0].tolist())
-        return ClassifyResponse(model=self.model_tag, predictions=predictions)
+        return ClassifyResponse(model=predicted.version.tag, predictions=predictions)
 
     def _observe_batch(self, images: int, forward_seconds: float) -> None:
         self.admission.observe(images, forward_seconds)

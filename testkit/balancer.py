@@ -66,6 +66,8 @@ backend {backend}
     option httpchk GET /readyz
     http-check expect status 200
     default-server check inter 500ms fastinter 250ms downinter 500ms rise 1 fall 2
+    # X-Replica: rN sends a request to that replica (the SIGKILL rehearsal pins requests to its victim)
+{pins}
 {servers}
 """
 
@@ -99,10 +101,11 @@ class Balancer:
         self.socket_path = workdir / "haproxy.sock"
         self.log_path = workdir / "haproxy.log"
         servers = "\n".join(f"    server {slot} 127.0.0.1:9 disabled" for slot in self.slots)
+        pins = "\n".join(f"    use-server {slot} if {{ req.hdr(x-replica) -m str {slot} }}" for slot in self.slots)
         config = workdir / "haproxy.cfg"
         config.write_text(CONFIG.format(socket=self.socket_path, log_format=LOG_FORMAT, port=self.port,
-                                        backend=BACKEND, servers=servers))
-        check = subprocess.run([HAPROXY, "-c", "-q", "-f", str(config)], capture_output=True, text=True)
+                                        backend=BACKEND, pins=pins, servers=servers))
+        check = subprocess.run([HAPROXY, "-c", "-q", "-f", str(config)], check=False, capture_output=True, text=True)
         if check.returncode != 0:
             raise RuntimeError(f"haproxy rejects {config}:\n{check.stdout}{check.stderr}")
         self._log = open(self.log_path, "wb")
@@ -161,10 +164,10 @@ class Balancer:
             time.sleep(0.02)
         return time.time() - start
 
-    def wait_busy(self, slot: str, timeout: float) -> bool:
-        """Wait until `slot` holds at least one request (True), or `timeout` passes (False)."""
+    def wait_busy(self, slot: str, requests: int, timeout: float) -> bool:
+        """Wait until `slot` holds at least `requests` requests (True), or `timeout` passes (False)."""
         deadline = time.time() + timeout
-        while int(self.stats()[slot]["scur"]) == 0:
+        while int(self.stats()[slot]["scur"]) < requests:
             if time.time() > deadline:
                 return False
             time.sleep(0.005)

@@ -12,15 +12,18 @@ brought back on the same address, as a restarted pod would be.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import signal
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 import httpx
 import psutil
+from urllib3 import encode_multipart_formdata
 
 from testkit.aggregation import check_aggregation
 from testkit.balancer import BACKEND, Balancer
@@ -49,6 +52,7 @@ class KillResult:
     alert_instances: list = field(default_factory=list)  # what CNNServiceDown's expression returned
     restart_s: float = 0.0  # restart until ready and back in the balancer
     whole: bool = False  # every replica UP in the balancer and scraped (up == 1) again
+    uploads: list = field(default_factory=list)  # outcomes of the slow uploads pinned to it (slow_upload)
 
     SLACK_S = 0.1  # haproxy reads its clock once per event-loop turn
 
@@ -58,10 +62,11 @@ class KillResult:
                 and record.end >= self.killed_at - self.SLACK_S)
 
     def problems(self, errors: int) -> list[str]:
-        """What breaks the promise of a SIGKILL: more failures (`errors`, the clients' count) than
-        requests in flight on the killed replica, a failure of any other request, or a service that
-        is not whole again."""
+        """What breaks the promise of a SIGKILL: more failures (`errors`, the load's count, and the
+        failed uploads) than requests in flight on the killed replica, a failure of any other request,
+        or a service that is not whole again."""
         problems = []
+        errors += sum(outcome != "200" for outcome in self.uploads)
         if errors > self.in_flight:
             problems.append(f"{errors} failed requests, but only {self.in_flight} were in flight on {self.slot}")
         problems += [f"a request failed that was not in flight on {self.slot} at the kill: {record}"
@@ -81,22 +86,24 @@ class Fleet:
         self.balancer = Balancer(workdir, replicas + 1)
         self.prometheus = Prometheus(workdir)
         self.servers: dict[str, ServerProcess] = {}  # slot -> the replica in it
-        self._started = 0
+        self._numbers = itertools.count(1)  # of the replicas' logs
+        with ThreadPoolExecutor(replicas) as pool:  # in parallel: start-up is mostly waiting on imports
+            starts = [pool.submit(self._start) for _ in range(replicas)]
         try:
-            with ThreadPoolExecutor(replicas) as pool:  # in parallel: start-up is mostly waiting on imports
-                started = list(pool.map(lambda _: self._start(), range(replicas)))
-            for slot, server in zip(self.balancer.slots, started):
-                self._attach(slot, server)
+            for slot, start in zip(self.balancer.slots, starts):
+                self._attach(slot, start.result())
         except BaseException:
+            for start in starts:
+                if start.exception() is None:
+                    start.result().stop()
             self.close()
             raise
 
     # ----- replicas ------------------------------------------------------------
 
     def _start(self, port: int | None = None) -> ServerProcess:
-        self._started += 1
-        server = ServerProcess(self.env, self.workdir / f"replica{self._started}.log", port=port)
-        server.wait_ready(timeout=180)
+        server = ServerProcess(self.env, self.workdir / f"replica{next(self._numbers)}.log", port=port)
+        server.wait_ready(timeout=180)  # stops the server itself when it fails
         return server
 
     def _attach(self, slot: str, server: ServerProcess) -> None:
@@ -144,14 +151,19 @@ class Fleet:
         # in sessions of their own, so killing the supervisor's process group would leave them serving.
         supervisor = psutil.Process(server.process.pid)
         tree = [supervisor, *supervisor.children(recursive=True)]
-        self.balancer.wait_busy(slot, timeout=10)  # a kill with requests on it: the case that costs
-        killed_at = time.time()
-        for process in tree:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                process.send_signal(signal.SIGKILL)
-        psutil.wait_procs(tree, timeout=10)
+        # The case that costs: requests certainly in flight on it (the load's are, now and then).
+        with ThreadPoolExecutor(SLOW_UPLOADS) as pool:
+            uploads = [pool.submit(slow_upload, self.balancer.url, slot) for _ in range(SLOW_UPLOADS)]
+            self.balancer.wait_busy(slot, SLOW_UPLOADS, timeout=10)
+            time.sleep(0.3)
+            killed_at = time.time()
+            for process in tree:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.send_signal(signal.SIGKILL)
+            dead_at = wait_gone(tree)
+            result = KillResult(slot, killed_at, dead_at, 0)
+            result.uploads = [upload.result() for upload in uploads]
         server.process.wait()
-        result = KillResult(slot, killed_at, time.time(), 0)
         self.balancer.wait_status(slot, "DOWN", timeout=15)
         result.down_s = time.time() - killed_at
         down = self.prometheus.wait_for(f'up{{job="{JOB}"}} == 0', bool, timeout=15)
@@ -206,11 +218,49 @@ class Fleet:
         self.prometheus.stop()
         self.balancer.stop()
 
-    def __enter__(self) -> Fleet:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *_) -> None:
         self.close()
+
+
+SLOW_UPLOADS = 2  # requests pinned to the replica that is killed
+
+
+def slow_upload(url: str, slot: str, seconds: float = 5.0) -> str:
+    """POST /classify through the balancer to the replica in `slot` (haproxy's use-server on
+    X-Replica), its body arriving over `seconds` -- a slow client's upload, certainly in flight on
+    that replica meanwhile. Its outcome: the status code, or the error's name."""
+    image = shapes(1)[0]
+    body, content_type = encode_multipart_formdata([("images", (image.name, image.data, image.content_type))])
+    pieces = 20
+
+    def trickle():
+        step = -(-len(body) // pieces)
+        for start in range(0, len(body), step):
+            yield body[start:start + step]
+            time.sleep(seconds / pieces)
+
+    headers = {"Content-Type": content_type, "Content-Length": str(len(body)), "X-Replica": slot}
+    try:
+        return str(httpx.post(f"{url}/classify", content=trickle(), headers=headers, timeout=30).status_code)
+    except httpx.HTTPError as err:
+        return type(err).__name__
+
+
+def wait_gone(processes: list[psutil.Process], timeout: float = 10) -> float:
+    """When every process had exited (a zombie has: it only waits for its parent to reap it)."""
+    deadline = time.time() + timeout
+    for process in processes:
+        while time.time() < deadline:
+            try:
+                if process.status() == psutil.STATUS_ZOMBIE:
+                    break
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.001)
+    return time.time()
 
 
 # ----- load ---------------------------------------------------------------------

@@ -34,7 +34,7 @@ def _call(app, method: str, path: str, **kwargs) -> httpx.Response:
 
 def test_a_route_nobody_declared_needs_the_key():
     assert endpoints.find("/brand-new") is None  # added to the app, never to service.endpoints
-    app = RequireApiKey(_app("/brand-new", "/livez", "/classify"), api_key=KEY)
+    app = RequireApiKey(_app("/brand-new", "/livez", "/classify"), setting=KEY)
     refused = _call(app, "GET", "/brand-new")
     assert refused.status_code == 401 and refused.json()["error"] == "unauthorized"
     assert refused.headers["www-authenticate"] == "Bearer"
@@ -43,7 +43,7 @@ def test_a_route_nobody_declared_needs_the_key():
 
 
 def test_only_declared_open_paths_skip_the_key():
-    app = RequireApiKey(_app("/livez", "/metrics", "/ui/index.html", "/classify", "/model"), api_key=KEY)
+    app = RequireApiKey(_app("/livez", "/metrics", "/ui/index.html", "/classify", "/model"), setting=KEY)
     for open_path in ("/livez", "/metrics", "/ui/index.html"):
         assert _call(app, "GET", open_path).status_code == 200, open_path
     for closed in ("/classify", "/model", "/uix", "/livez/../model"):
@@ -51,7 +51,7 @@ def test_only_declared_open_paths_skip_the_key():
 
 
 def test_no_key_configured_means_no_check():
-    assert _call(RequireApiKey(_app("/brand-new"), api_key=None), "GET", "/brand-new").status_code == 200
+    assert _call(RequireApiKey(_app("/brand-new"), setting=None), "GET", "/brand-new").status_code == 200
 
 
 def test_body_over_the_limit_is_refused_before_the_app_reads_it():

@@ -125,7 +125,10 @@ def test_time_budget_stops_on_time(run_cli, tmp_path):
     assert 4 <= spent <= 4 + 30  # past the budget by at most a step and an evaluation (hang guard)
     assert log[-1]["elapsed"] <= spent
     assert len(log) < 1000
-    assert log[-1]["lr"] < 0.02 * log[0]["lr"] or log[-1]["lr"] < 1e-3  # cosine decayed to ~0 at the budget
+    # The cosine schedule ran (nearly) to its end. The last logged figure is the last step's, which started
+    # up to one step before the budget ran out: a step of 0.8 s (a busy 2-core machine) leaves 10% of the
+    # peak, an idle machine's ~0.05 s under 0.1%.
+    assert log[-1]["lr"] < 0.1 * load_state(out)["run_config"]["lr"]
     # the checkpoint's figure is the log's at the best epoch, rounded to 10 ms
     assert load_checkpoint(out).manifest.training["seconds"] <= log[-1]["elapsed"] + 0.01
 

@@ -1,0 +1,382 @@
+"""The Open Inference Protocol (service.oip) the way its users call it: tritonclient (binary tensor
+data and JSON) and KServe's REST client against a real `bentoml serve`, every route, feature maps
+and errors; its answers equal /classify's and /feature_maps'. Plus the wire format and the guards
+on their own, in process."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import re
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import numpy as np
+import pytest
+
+from model.client_preprocess import client_pixels
+from testkit.images import encode, shape_image, shape_png
+from testkit.metrics import metric_samples, metric_sum
+from testkit.server import API_KEY, ROOT
+
+KSERVE_PYTHON = ROOT / ".venv" / "peers" / "kserve" / "bin" / "python"
+PREDICTED = ("probabilities", "top_k_labels", "top_k_scores", "top_k_indices", "embedding")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("oip_images")
+    made = {"cat.jpg": encode(shape_image(5, size=120), "JPEG", quality=90), "dog.png": shape_png(9, size=80)}
+    for name, data in made.items():
+        (folder / name).write_bytes(data)
+    return {name: folder / name for name in made}
+
+
+@pytest.fixture(scope="module")
+def model(registered_model) -> tuple[str, str]:
+    """(name, version) the protocol serves: the store tag's."""
+    name, version = registered_model.split(":")
+    return name, version
+
+
+def _triton(url: str):
+    import tritonclient.http as triton
+
+    return triton.InferenceServerClient(url.removeprefix("http://"), network_timeout=120)
+
+
+def _bytes_input(triton, encoded: list[bytes], binary: bool):
+    tensor = triton.InferInput("images", [len(encoded)], "BYTES")
+    values = encoded if binary else [base64.b64encode(e) for e in encoded]  # JSON: BYTES in base64
+    tensor.set_data_from_numpy(np.array(values, dtype=np.object_), binary_data=binary)
+    return tensor
+
+
+def _pixels_input(triton, pixels: np.ndarray, binary: bool = True, datatype: str = "UINT8"):
+    tensor = triton.InferInput("pixels", list(pixels.shape), datatype)
+    tensor.set_data_from_numpy(pixels, binary_data=binary)
+    return tensor
+
+
+def _classify_probabilities(url: str, paths: list[Path], classes: int) -> np.ndarray:
+    """/classify's probabilities for the images, as [N, classes]."""
+    files = [("images", (p.name, p.read_bytes())) for p in paths]
+    answer = httpx.post(f"{url}/classify", files=files, data={"top_k": str(classes)}, timeout=60).json()
+    found = np.zeros((len(paths), classes))
+    for row, prediction in zip(found, answer["predictions"]):
+        for score in prediction["top_k"]:
+            row[score["index"]] = score["probability"]
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_tritonclient_calls_every_route_and_matches_classify(server, model, images, served_precision, binary):
+    import tritonclient.http as triton
+
+    name, version = model
+    client = _triton(server.url)
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready(name) and client.is_model_ready(name, version)
+    assert {"binary_tensor_data", "classification"} <= set(client.get_server_metadata()["extensions"])
+    described = client.get_model_metadata(name, version)
+    assert described == client.get_model_metadata(name) and described["versions"] == [version]
+    assert {i["name"]: (i["datatype"], i["shape"]) for i in described["inputs"]} == {
+        "images": ("BYTES", [-1]), "pixels": ("UINT8", [-1, 64, 64, 3])}
+    shapes = {o["name"]: (o["datatype"], o["shape"]) for o in described["outputs"]}
+    classes = shapes["probabilities"][1][1]
+    assert shapes["conv1"] == ("FP32", [-1, 32, 32, 32]) and shapes["fc7"] == ("FP32", [-1, 256])
+
+    paths = [images["cat.jpg"], images["dog.png"]]
+    encoded = [p.read_bytes() for p in paths]
+    asked = [triton.InferRequestedOutput(n, binary_data=binary) for n in (*PREDICTED, "conv1", "fc7")]
+    answer = client.infer(name, [_bytes_input(triton, encoded, binary)], model_version=version, outputs=asked,
+                          parameters={"top_k": 3, "conv1.channels": "0,2"}, request_id="r-1")
+    assert answer.get_response()["id"] == "r-1" and answer.get_response()["model_version"] == version
+    probabilities = answer.as_numpy("probabilities")
+    assert probabilities.dtype == np.float32 and probabilities.shape == (2, classes)
+    # the same numbers /classify answers, within the serving precision's tolerance
+    expected = _classify_probabilities(server.url, paths, classes)
+    assert np.abs(probabilities - expected).max() <= served_precision.probability_tolerance
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :3]
+    assert (answer.as_numpy("top_k_indices") == order).all()
+    assert np.allclose(answer.as_numpy("top_k_scores"), np.take_along_axis(probabilities, order, axis=1))
+    labels = [[label.decode() if isinstance(label, bytes) else label for label in row]
+              for row in answer.as_numpy("top_k_labels")]
+    assert labels == [[described["parameters"]["classes"][i] for i in row] for row in order.tolist()]
+    embedding = answer.as_numpy("embedding")
+    assert embedding.shape == (2, 256) and np.allclose(np.linalg.norm(embedding, axis=1), 1, atol=1e-3)
+    assert answer.as_numpy("conv1").shape == (2, 2, 32, 32) and answer.as_numpy("fc7").shape == (2, 256)
+
+    # feature maps equal /feature_maps' exact (float16) values for the same image and channels
+    maps = httpx.post(f"{server.url}/feature_maps", timeout=60, data={"layers": '["conv1"]', "channels": "[0, 2]",
+                      "format": "array"}, files=[("image", ("cat.jpg", encoded[0]))]).json()
+    exact = np.frombuffer(base64.b64decode(maps["layers"][0]["array"]["data"]), dtype="<f2").reshape(2, 32, 32)
+    assert np.allclose(answer.as_numpy("conv1")[0], exact.astype(np.float32), rtol=1e-3, atol=1e-3)
+
+    # the same images as pixels, cropped by the client: the same answer, without decoding on the server
+    prep = described["parameters"]
+    pixels = client_pixels(paths, prep["resize_size"], prep["input_size"])
+    by_pixels = client.infer(name, [_pixels_input(triton, pixels, binary)],
+                             outputs=[triton.InferRequestedOutput("probabilities", binary_data=binary)])
+    assert np.abs(by_pixels.as_numpy("probabilities") - probabilities).max() <= served_precision.probability_tolerance
+
+    # Triton's classification extension, and every output when none is named
+    top = client.infer(name, [_pixels_input(triton, pixels, binary)],
+                       outputs=[triton.InferRequestedOutput("probabilities", binary_data=binary, class_count=2)])
+    first = top.as_numpy("probabilities")[0][0]
+    score, index, label = (first.decode() if isinstance(first, bytes) else first).split(":")
+    assert int(index) == order[0][0] and label == labels[0][0] and abs(float(score) - probabilities[0, order[0][0]]) < 1e-5
+    everything = client.infer(name, [_pixels_input(triton, pixels, binary)])
+    assert {o["name"] for o in everything.get_response()["outputs"]} == set(PREDICTED)
+
+
+@pytest.mark.slow
+def test_tritonclient_errors_name_the_reason_with_a_4xx(server, model, images):
+    import tritonclient.http as triton
+    from tritonclient.utils import InferenceServerException
+
+    name, _ = model
+    client = _triton(server.url)
+    pixels = client_pixels([images["cat.jpg"]], 64, 64)
+
+    def refused(*args, **kwargs) -> tuple[str, str]:
+        with pytest.raises(InferenceServerException) as err:
+            client.infer(*args, **kwargs)
+        return err.value.status(), err.value.message()
+
+    cases = {
+        "channels first": ((name, [_pixels_input(triton, pixels.transpose(0, 3, 1, 2).copy())]), "400",
+                           "shape_mismatch"),
+        "float pixels": ((name, [_pixels_input(triton, pixels.astype(np.float32), datatype="FP32")]), "400",
+                         "datatype_mismatch"),
+        "unknown output": ((name, [_pixels_input(triton, pixels)]), "400", "unknown_output",
+                           {"outputs": [triton.InferRequestedOutput("conv9")]}),
+        "channel out of range": ((name, [_pixels_input(triton, pixels)]), "422", "channel_out_of_range",
+                                 {"outputs": [triton.InferRequestedOutput("conv1")],
+                                  "parameters": {"conv1.channels": "0,999"}}),
+        "not an image": ((name, [_bytes_input(triton, [b"GIF89a but not really"], True)]), "422", "corrupt"),
+        "text as image": ((name, [_bytes_input(triton, [b"hello"], True)]), "422", "not_an_image"),
+        "too many images": ((name, [_bytes_input(triton, [images["cat.jpg"].read_bytes()] * 17, True)]), "413",
+                            "too_many_images"),
+        "unknown model": (("no-such-model", [_pixels_input(triton, pixels)]), "404", "unknown_model"),
+        "unknown version": ((name, [_pixels_input(triton, pixels)]), "404", "unknown_version",
+                            {"model_version": "v0"}),
+        "bad top_k": ((name, [_pixels_input(triton, pixels)]), "400", "invalid_parameter",
+                      {"parameters": {"top_k": 0}}),
+    }
+    for case, (args, status, reason, *kwargs) in cases.items():
+        got_status, message = refused(*args, **(kwargs[0] if kwargs else {}))
+        assert (got_status, message.split(":")[0]) == (status, reason), (case, got_status, message)
+    with pytest.raises(InferenceServerException) as err:
+        client.get_model_metadata("no-such-model")
+    assert err.value.status() == "404"
+    assert not client.is_model_ready(name, "v0")
+
+
+@pytest.mark.slow
+def test_malformed_bodies_get_the_protocols_error_body_never_a_5xx(server, model):
+    name, _ = model
+    infer = f"{server.url}/v2/models/{name}/infer"
+    header = json.dumps({"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 64, 64, 3],
+                                     "parameters": {"binary_data_size": 64 * 64 * 3}}]}).encode()
+    cases = {
+        "not json": (b"{nope", {}, 400, "invalid_json"),
+        "binary shorter than declared": (header + b"\0" * 100, {"Inference-Header-Content-Length": str(len(header))},
+                                         400, "size_mismatch"),
+        "binary longer than declared": (header + b"\0" * (64 * 64 * 3 + 1),
+                                        {"Inference-Header-Content-Length": str(len(header))}, 400, "size_mismatch"),
+        "header length past the body": (header, {"Inference-Header-Content-Length": "999999"}, 400,
+                                        "invalid_header_length"),
+        "json data of the wrong size": (json.dumps({"inputs": [{"name": "pixels", "datatype": "UINT8",
+                                                                "shape": [1, 64, 64, 3], "data": [1, 2, 3]}]}).encode(),
+                                        {}, 400, "size_mismatch"),
+        "two inputs": (json.dumps({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "data": ["AA=="]}] * 2
+                                   }).encode(), {}, 400, "one_input"),
+        "body over MAX_BODY_BYTES": (b"x" * (3 * 1024 * 1024 + 1), {}, 413, "body_too_large"),
+    }
+    for case, (body, headers, status, reason) in cases.items():
+        answer = httpx.post(infer, content=body, headers=headers, timeout=60)
+        assert answer.status_code == status, (case, answer.text)
+        assert list(answer.json()) == ["error"] and answer.json()["error"].startswith(f"{reason}: "), case
+    missing = httpx.get(f"{server.url}/v2/models/{name}/nope", timeout=30)
+    assert missing.status_code == 404 and list(missing.json()) == ["error"]
+
+
+@pytest.mark.slow
+def test_oip_requests_are_counted_in_the_services_metrics(server, model, images):
+    import tritonclient.http as triton
+    from tritonclient.utils import InferenceServerException
+
+    name, _ = model
+    before = metric_samples(server.url)
+    client = _triton(server.url)
+    client.infer(name, [_bytes_input(triton, [images["cat.jpg"].read_bytes()] * 3, True)])
+    with pytest.raises(InferenceServerException):
+        client.infer(name, [_pixels_input(triton, np.zeros((1, 3, 64, 64), dtype=np.uint8))])
+    after = metric_samples(server.url)
+
+    def grew(metric: str, **labels) -> float:
+        return metric_sum(after, metric, **labels) - metric_sum(before, metric, **labels)
+
+    assert grew("cnn_images_processed_total", endpoint="v2_infer") == 3
+    assert grew("cnn_refusals_total", endpoint="v2_infer", reason="shape_mismatch") == 1
+    assert grew("cnn_preprocess_seconds_count", endpoint="v2_infer") == 3  # each image decoded once
+    assert grew("cnn_top1_confidence_count") >= 3
+
+
+@pytest.mark.slow
+def test_the_api_key_guards_every_oip_route_but_health(secured_server, model):
+    import tritonclient.http as triton
+    from tritonclient.utils import InferenceServerException
+
+    name, _ = model
+    client = _triton(secured_server.url)
+    assert client.is_server_live() and client.is_server_ready()  # open, like /livez and /readyz
+    key = {"Authorization": f"Bearer {API_KEY}"}
+    pixels = np.zeros((1, 64, 64, 3), dtype=np.uint8)
+    for call in (lambda h: client.get_server_metadata(headers=h), lambda h: client.get_model_metadata(name, headers=h),
+                 lambda h: client.infer(name, [_pixels_input(triton, pixels)], headers=h)):
+        with pytest.raises(InferenceServerException) as err:
+            call(None)
+        assert err.value.status() == "401" and err.value.message().startswith("unauthorized: ")
+        call(key)
+    assert not client.is_model_ready(name) and client.is_model_ready(name, headers=key)
+
+
+@pytest.mark.slow
+def test_kserve_rest_client_calls_every_route(server, model, images):
+    if not KSERVE_PYTHON.exists():
+        built = subprocess.run(["make", "-s", "oip-clients"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        if built.returncode != 0:
+            pytest.skip(f"KServe's client could not be installed (`make oip-clients`): {built.stderr[-500:]}")
+    name, version = model
+    run = subprocess.run([str(KSERVE_PYTHON), str(ROOT / "testkit" / "oip_kserve.py"), server.url, name, version,
+                          str(images["cat.jpg"]), str(images["dog.png"])], capture_output=True, text=True, timeout=180,
+                         env={**os.environ, "PYTHONPATH": ""})
+    assert run.returncode == 0, run.stdout + run.stderr
+    seen = json.loads(run.stdout)
+    assert seen["live"] and seen["ready"] and seen["model_ready"] and not seen["unknown_model_ready"]
+    assert "binary_tensor_data" in seen["server"]["extensions"] and seen["model"]["versions"] == [version]
+    binary, as_json = seen["bytes_binary=True"], seen["bytes_binary=False"]
+    assert binary == as_json  # the same tensors either way
+    assert binary["probabilities"]["shape"] == [2, 12] and binary["top_k_labels"]["shape"] == [2, 2]
+    assert binary["conv2"]["shape"] == [2, 3, 16, 16] and binary["embedding"]["datatype"] == "FP32"
+    assert abs(np.linalg.norm(binary["embedding"]["data"][0]) - 1) > 1e-3  # normalize: false was honoured
+    assert seen["pixels_shape"] == [1, 12]
+    assert seen["errors"]["shape"]["status"] == 400 and seen["errors"]["model"]["status"] == 404
+    assert seen["errors"]["shape"]["body"]["error"].startswith("shape_mismatch: ")
+
+
+# ----- in process: the wire format, the client's preprocessing, the guards ----------------------------
+
+
+def test_binary_request_splits_into_its_tensors():
+    from service.oip_codec import parse_request
+
+    header = json.dumps({"id": "7", "inputs": [
+        {"name": "images", "datatype": "BYTES", "shape": [2], "parameters": {"binary_data_size": 4 + 3 + 4 + 1}}],
+        "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}]}).encode()
+    body = header + struct.pack("<I", 3) + b"abc" + struct.pack("<I", 1) + b"d"
+    request = parse_request(body, str(len(header)))
+    assert request.id == "7" and request.outputs[0].parameters == {"binary_data": True}
+    assert request.inputs[0].bytes_elements() == [b"abc", b"d"]
+
+
+def test_binary_response_puts_tensors_after_the_json_in_order():
+    from service.oip_codec import OutputTensor, encode_response
+
+    scores = np.array([[0.25, 0.75]], dtype=np.float32)
+    body, length = encode_response({"model_name": "m"}, [
+        OutputTensor("scores", "FP32", scores, [1, 2], True), OutputTensor("labels", "BYTES", [["a", "bc"]], [1, 2], True),
+        OutputTensor("top", "INT64", np.array([[1, 0]]), [1, 2], False)])
+    header = json.loads(body[:length])
+    assert [o.get("parameters", {}).get("binary_data_size") for o in header["outputs"]] == [8, 4 + 1 + 4 + 2, None]
+    assert header["outputs"][2]["data"] == [1, 0]
+    assert np.frombuffer(body[length:length + 8], dtype="<f4").tolist() == [0.25, 0.75]
+    assert body[length + 8:] == struct.pack("<I", 1) + b"a" + struct.pack("<I", 2) + b"bc"
+
+
+def test_client_pixels_equal_the_servers_decoding(images):
+    from model.config import Preprocessing
+    from model.preprocess import load_pixels
+
+    prep = Preprocessing(input_size=64, resize_size=72)
+    paths = [images["cat.jpg"], images["dog.png"]]
+    made = client_pixels(paths, prep.resize_size, prep.input_size)
+    assert made.shape == (2, 64, 64, 3) and made.dtype == np.uint8
+    assert (made == np.stack([load_pixels(p.read_bytes(), prep) for p in paths])).all()
+    from PIL import Image
+
+    as_array = np.asarray(Image.open(images["dog.png"]).convert("RGB"))
+    assert (client_pixels([as_array], 72, 64) == made[1:]).all()  # decoded by the client (PNG: lossless)
+
+
+def test_oip_infer_is_declared_sheddable_and_its_refusals_keep_the_protocols_body(monkeypatch):
+    """ShedWhenFull and the API key in front of /v2/...: their refusals are {"error": "..."} too."""
+    import bentoml
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from service import endpoints
+    from service.guards import AddRetryAfter, RequireApiKey, ShedWhenFull, UniformErrors
+
+    counter = SimpleNamespace(inc=lambda: None)
+    full = SimpleNamespace(admission=SimpleNamespace(full=lambda: True),
+                           metrics=SimpleNamespace(refusals=SimpleNamespace(labels=lambda *labels: counter)))
+    monkeypatch.setattr(bentoml, "get_current_service", lambda: full)
+    assert endpoints.is_sheddable("POST", "/v2/models/m/versions/2/infer")
+    assert endpoints.find("/v2/models/m/infer").label == "v2_infer"
+    assert endpoints.is_open("/v2/health/ready") and not endpoints.is_open("/v2/models/m")
+
+    async def reached(request):
+        return PlainTextResponse("reached")
+
+    inner = Starlette(routes=[Route("/v2/models/{m}/infer", reached, methods=["POST"])])
+    app = UniformErrors(AddRetryAfter(RequireApiKey(ShedWhenFull(inner, retry_after_s=1), api_key="k"), 1))
+
+    async def call(headers):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            return await client.post("/v2/models/m/infer", content=b"{}", headers=headers)
+
+    shed = asyncio.run(call({"Authorization": "Bearer k"}))
+    assert shed.status_code == 503 and shed.headers["retry-after"] == "1"
+    assert list(shed.json()) == ["error"] and shed.json()["error"].startswith("overloaded: ")
+    unauthorized = asyncio.run(call({}))
+    assert unauthorized.status_code == 401 and list(unauthorized.json()) == ["error"]
+
+
+# ----- the README's examples, as written ----------------------------------------------------------
+
+
+def _readme_block(language: str, containing: str) -> str:
+    blocks = re.findall(rf"```{language}\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    (block,) = [b for b in blocks if containing in b]
+    return block
+
+
+@pytest.mark.slow
+def test_readme_oip_examples_run_as_written(server, images, tmp_path):
+    for name, path in images.items():
+        (tmp_path / name).write_bytes(path.read_bytes())
+    program = _readme_block("python", "tritonclient.http").replace("127.0.0.1:3000", server.url.removeprefix("http://"))
+    result = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    printed = result.stdout.strip().splitlines()
+    assert len(printed) == 3 and "conv1 (2, 2, " in printed[1]
+    commands = [line for line in _readme_block("bash", "/v2/models/cnn-classifier").splitlines() if line.startswith("curl ")]
+    assert len(commands) == 2
+    for command in commands:
+        command = command.replace("http://127.0.0.1:3000", server.url)
+        run = subprocess.run(f"{command} --fail-with-body -sS", shell=True, cwd=tmp_path, capture_output=True,
+                             timeout=120)
+        assert run.returncode == 0, (command, run.stdout[-2000:], run.stderr[-2000:])
+        answer = json.loads(run.stdout)
+        assert answer["name" if "inputs" in answer else "model_name"] == "cnn-classifier"
