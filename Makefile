@@ -84,7 +84,7 @@ bench: $(INSTALLED)
 	$(PY) -m loadtests.bench
 
 # Three replicas of the default model behind haproxy, scraped by Prometheus: throughput with 1, 2 and 3,
-# a rolling replacement and a SIGKILL under Locust load, the dashboard's sums (about 5 minutes on 2
+# a rolling replacement and a SIGKILL under Locust load, the dashboard's sums (about 4 minutes on 2
 # cores); reports/replicas/.
 replicas: default-model system-deps
 	$(PY) -m loadtests.replicas --replicas $${REPLICAS:-3}

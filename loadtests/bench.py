@@ -91,7 +91,9 @@ def request_photo_decode_ms(preset: str) -> float:
     return statistics.median(times) * 1000
 
 
-async def _closed_loop(url: str, bodies: list[tuple[bytes, str]], clients: int, seconds: float) -> dict:
+async def closed_loop(url: str, bodies: list[tuple[bytes, dict]], clients: int, seconds: float) -> dict:
+    """`clients` closed-loop clients POSTing (body, headers) pairs in turn to `url` for `seconds`, each
+    sending its next request as soon as the last one returned; only 200s count as served."""
     import aiohttp
 
     latencies: list[float] = []
@@ -102,11 +104,11 @@ async def _closed_loop(url: str, bodies: list[tuple[bytes, str]], clients: int, 
         nonlocal errors
         i = index
         while time.perf_counter() < stop:
-            body, content_type = bodies[i % len(bodies)]
+            body, headers = bodies[i % len(bodies)]
             i += clients
             start = time.perf_counter()
             try:
-                async with session.post(f"{url}/classify", data=body, headers={"Content-Type": content_type}) as resp:
+                async with session.post(url, data=body, headers=headers) as resp:
                     await resp.read()
                     ok = resp.status == 200
             except aiohttp.ClientError:
@@ -126,11 +128,12 @@ async def _closed_loop(url: str, bodies: list[tuple[bytes, str]], clients: int, 
     def pct(q):
         return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else float("nan")
 
-    return {"clients": clients, "images_per_s": len(latencies) / elapsed, "errors": errors,
+    served = len(latencies) / elapsed
+    return {"clients": clients, "requests_per_s": served, "images_per_s": served, "errors": errors,
             "p50_ms": pct(0.5), "p95_ms": pct(0.95), "p99_ms": pct(0.99), "requests": len(latencies)}
 
 
-def _cpu_seconds(root_pid: int) -> dict[str, float]:
+def cpu_seconds(root_pid: int) -> dict[str, float]:
     """CPU seconds so far of the server's process tree, by kind: API workers, model workers, the rest."""
     import psutil
 
@@ -156,14 +159,15 @@ def service_levels(preset: str, reports: Path, seconds: float, env: dict[str, st
     server = ServerProcess(server_env, reports / f"bench_{label}_server.log")
     try:
         server.wait_ready(timeout=300)
-        bodies = [encode_multipart_formdata([("images", (p.name, p.data, p.content_type))])
-                  for p in photos((640, 320), ("JPEG",))]
-        asyncio.run(_closed_loop(server.url, bodies, 4, 2.0))  # warm the connection pool and the server
+        bodies = [(body, {"Content-Type": content_type}) for body, content_type in
+                  (encode_multipart_formdata([("images", (p.name, p.data, p.content_type))])
+                   for p in photos((640, 320), ("JPEG",)))]
+        asyncio.run(closed_loop(f"{server.url}/classify", bodies, 4, 2.0))  # warm the connection pool and the server
         rows = []
         for clients in concurrency:
-            before_metrics, before_cpu = metric_samples(server.url), _cpu_seconds(server.process.pid)
-            row = asyncio.run(_closed_loop(server.url, bodies, clients, seconds))
-            after_cpu, after_metrics = _cpu_seconds(server.process.pid), metric_samples(server.url)
+            before_metrics, before_cpu = metric_samples(server.url), cpu_seconds(server.process.pid)
+            row = asyncio.run(closed_loop(f"{server.url}/classify", bodies, clients, seconds))
+            after_cpu, after_metrics = cpu_seconds(server.process.pid), metric_samples(server.url)
             served = max(1, row["requests"])
             row["cpu_ms_per_image"] = {k: 1000 * (after_cpu[k] - before_cpu[k]) / served for k in after_cpu}
             row["cpu_ms_per_image"]["total"] = sum(row["cpu_ms_per_image"].values())

@@ -28,10 +28,9 @@ import json
 import os
 import platform
 import struct
-import time
 from pathlib import Path
 
-from loadtests.bench import _cpu_seconds
+from loadtests.bench import closed_loop, cpu_seconds
 from testkit.images import photos
 from testkit.models import untrained_checkpoint
 from testkit.server import ROOT, ServerProcess
@@ -76,49 +75,10 @@ def request_bodies(path: str, per_request: int, input_size: int, resize_size: in
     return bodies
 
 
-async def closed_loop(url: str, bodies: list[tuple[bytes, dict]], clients: int, seconds: float) -> dict:
-    import aiohttp
-
-    latencies: list[float] = []
-    errors = 0
-    stop = time.perf_counter() + seconds
-
-    async def client(index: int, session) -> None:
-        nonlocal errors
-        i = index
-        while time.perf_counter() < stop:
-            body, headers = bodies[i % len(bodies)]
-            i += clients
-            start = time.perf_counter()
-            try:
-                async with session.post(url, data=body, headers=headers) as resp:
-                    await resp.read()
-                    ok = resp.status == 200
-            except aiohttp.ClientError:
-                ok = False
-            if ok:
-                latencies.append(time.perf_counter() - start)
-            else:
-                errors += 1
-
-    connector = aiohttp.TCPConnector(limit=clients)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
-        started = time.perf_counter()
-        await asyncio.gather(*(client(i, session) for i in range(clients)))
-        elapsed = time.perf_counter() - started
-    latencies.sort()
-
-    def pct(q: float) -> float:
-        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else float("nan")
-
-    return {"clients": clients, "requests": len(latencies), "requests_per_s": len(latencies) / elapsed,
-            "errors": errors, "p50_ms": pct(0.5), "p99_ms": pct(0.99)}
-
-
 def measure(url: str, root_pid: int, bodies, clients: int, per_request: int, seconds: float) -> dict:
-    before = _cpu_seconds(root_pid)
+    before = cpu_seconds(root_pid)
     row = asyncio.run(closed_loop(url, bodies, clients, seconds))
-    after = _cpu_seconds(root_pid)
+    after = cpu_seconds(root_pid)
     images = max(1, row["requests"] * per_request)
     row["images_per_s"] = row["requests_per_s"] * per_request
     row["cpu_ms_per_image"] = 1000 * sum(after[k] - before[k] for k in after) / images

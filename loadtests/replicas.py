@@ -51,7 +51,8 @@ def throughput(fleet: Fleet, counts: list[int], users: int, duration: str, repor
 
 
 def _closed_loop(fleet: Fleet, host: str, name: str, users: int, duration: str, reports: Path) -> dict:
-    from loadtests.__main__ import locust_results, run_locust
+    from loadtests.__main__ import run_locust
+    from testkit.locust import locust_results
 
     scenario = {"_name": f"replicas_throughput_{name}", "users": users, "spawn_rate": users,
                 "duration": duration, "wait": "0,0", "weights": INFERENCE_ONLY}

@@ -58,7 +58,8 @@ def run(args, request_bodies, measure) -> dict:
                 pass
             time.sleep(0.5)
         else:
-            return _skip(f"Triton did not start (exit {process.poll()}): {log_path.read_text(errors='replace')[-1500:]}")
+            told = log_path.read_text(errors="replace")[-1500:]
+            return _skip(f"Triton did not start (exit {process.poll()}): {told}")
         infer = f"{url}/v2/models/cnn-classifier/infer"
         print("triton-null: Triton Inference Server (pytriton), the null model", flush=True)
         for per_request in args.per_request:

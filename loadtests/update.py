@@ -27,7 +27,8 @@ from pathlib import Path
 import httpx
 import psutil
 
-from loadtests.__main__ import Gate, load_scenario, locust_command, locust_results
+from loadtests.__main__ import Gate, load_scenario
+from testkit.locust import locust_command, locust_results
 from testkit.models import untrained_checkpoint
 from testkit.server import ROOT, ServerProcess
 

@@ -270,7 +270,7 @@ class Load:
     start() until stop(); the outcome counts from the locustfile's summary."""
 
     def __init__(self, host: str, reports: Path, name: str, users: int, wait: str = "0.05,0.3", weights: str = ""):
-        from loadtests.__main__ import locust_command
+        from testkit.locust import locust_command
 
         self.scenario = {"_name": name, "users": users, "spawn_rate": users, "duration": "30m", "wait": wait,
                          "weights": weights}
@@ -282,7 +282,7 @@ class Load:
     def stop(self) -> dict:
         """Stop the load (SIGTERM: Locust writes its reports and exits); {"ok", "shed", "error",
         "requests", "seconds", "rps", "endpoints"}."""
-        from loadtests.__main__ import locust_results
+        from testkit.locust import locust_results
 
         self.process.send_signal(signal.SIGTERM)
         self.process.wait(timeout=60)

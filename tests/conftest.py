@@ -140,3 +140,15 @@ def server_in_each_precision(request, server, cli_env, tiny_run, tmp_path_factor
     assert precision.name == request.param
     yield other, precision
     other.stop()
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory) -> dict[str, Path]:
+    """Image files as a client has them: a JPEG photo-like shape and a PNG (BentoML's clients upload paths)."""
+    from testkit.images import encode, shape_image, shape_png
+
+    folder = tmp_path_factory.mktemp("client_images")
+    made = {"cat.jpg": encode(shape_image(5, size=120), "JPEG", quality=90), "dog.png": shape_png(9, size=80)}
+    for name, data in made.items():
+        (folder / name).write_bytes(data)
+    return {name: folder / name for name in made}

@@ -17,21 +17,11 @@ import numpy as np
 import pytest
 from bentoml.exceptions import BentoMLException
 
-from testkit.images import encode, shape_image, shape_png
 from testkit.server import ROOT
 
 pytestmark = pytest.mark.slow
 README = (ROOT / "README.md").read_text()
 METHODS = ("gradcam", "guided_backprop", "deconvolution", "occlusion", "integrated_gradients")
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("client_images")
-    made = {"cat.jpg": encode(shape_image(5, size=120), "JPEG", quality=90), "dog.png": shape_png(9, size=80)}
-    for name, data in made.items():
-        (folder / name).write_bytes(data)
-    return {name: folder / name for name in made}
 
 
 def _float16(payload: dict) -> np.ndarray:

@@ -4,10 +4,14 @@ Prometheus evaluating the prometheus-adapter rule the HorizontalPodAutoscaler de
 
 from __future__ import annotations
 
+import os
 import re
+import shlex
 import shutil
+import signal
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -16,14 +20,16 @@ import yaml
 from service.config import Layout, ServiceConfig
 from testkit.metrics import metric_samples
 from testkit.prometheus import JOB, PROMETHEUS, PROMTOOL, Prometheus
-from testkit.server import ROOT, start_server
+from testkit.replicas import slow_upload
+from testkit.images import shapes
+from testkit.server import ROOT, free_port, serve_command, start_server, wait_until_ready
 
 KUBERNETES = ROOT / "deploy" / "kubernetes"
 OVERLAYS = ("cpu", "gpu")
 KUBERNETES_VERSION = "1.32.0"  # the kubectl here; the schemas ship in kubernetes-validate
 KUBECTL = shutil.which("kubectl")
 needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl not installed (kustomize renders the manifests)")
-SHUTDOWN_MARGIN_S = 5  # bentoml's workers exit once drained (deploy/kubernetes/base/deployment.yaml)
+SHUTDOWN_MARGIN_S = 10  # bentoml's processes exit once drained (deploy/kubernetes/base/deployment.yaml)
 
 
 def render(overlay: str) -> dict[str, dict]:
@@ -275,13 +281,15 @@ def pods(cli_env, registered_model, tmp_path_factory):
         pytest.skip("kubectl not installed (kustomize renders the manifests)")
     env = pod_env(render("cpu"))
     del env["CHECKPOINT_DIR"]  # the tests' model store instead of the pod's volume
-    servers = []
+    directories = [tmp_path_factory.mktemp(name) for name in ("cnn-service-a", "cnn-service-b")]
+    with ThreadPoolExecutor(2) as pool:
+        starts = [pool.submit(start_server, cli_env, directory,
+                              **{**env, "TMPDIR": str(directory), "MPLCONFIGDIR": str(directory / "matplotlib"),
+                                 "API_WORKERS": "1", "TORCH_THREADS": "1"})
+                  for directory in directories]
+    servers = [start.result() for start in starts if start.exception() is None]
     try:
-        for name in ("cnn-service-a", "cnn-service-b"):
-            directory = tmp_path_factory.mktemp(name)
-            servers.append(start_server(cli_env, directory, **{**env, "TMPDIR": str(directory),
-                                                               "MPLCONFIGDIR": str(directory / "matplotlib"),
-                                                               "API_WORKERS": "1", "TORCH_THREADS": "1"}))
+        assert len(servers) == 2, [start.exception() for start in starts]
         yield servers
     finally:
         for server in servers:
@@ -324,3 +332,65 @@ def test_adapter_rule_gives_one_series_per_pod_from_a_real_prometheus(pods, tmp_
         assert prometheus.query(adapter_query(rule, "elsewhere", names)) == []
     finally:
         prometheus.stop()
+
+
+@pytest.mark.slow
+def test_sigterm_answers_the_requests_in_flight_then_refuses_new_ones(pods):
+    """What the Deployment's shutdown assumes (base/deployment.yaml): on SIGTERM bentoml finishes the
+    requests it holds -- here a slow upload still arriving -- but closes its port at once, so requests
+    routed to it after SIGTERM would fail; hence the preStop sleep. (Stops the second pod: runs last.)"""
+    server = pods[1]
+    with ThreadPoolExecutor(1) as pool:
+        upload = pool.submit(slow_upload, server.url, "", 4.0)
+        time.sleep(1)  # its headers and first pieces are in
+        os.kill(server.process.pid, signal.SIGTERM)  # the supervisor, as Kubernetes signals the container's PID 1
+        time.sleep(0.5)
+        with pytest.raises((httpx.ConnectError, httpx.ReadError)):  # refused, or reset unanswered
+            httpx.get(f"{server.url}/readyz", timeout=5)
+        assert upload.result() == "200"
+    assert server.process.wait(timeout=60) == 0
+
+
+UNSHARE = shutil.which("unshare")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(UNSHARE is None or os.geteuid() != 0, reason="needs root and unshare (a private mount namespace)")
+def test_service_serves_from_a_read_only_root_with_only_the_pods_volumes_writable(tiny_run, tmp_path):
+    """readOnlyRootFilesystem, for real: `bentoml serve` in a mount namespace whose root is remounted
+    read-only, with in-memory mounts where the pod has its emptyDirs (TMPDIR, BENTOML_HOME) and the
+    cpu overlay's environment."""
+    if KUBECTL is None:
+        pytest.skip("kubectl not installed (kustomize renders the manifests)")
+    env = pod_env(render("cpu"))
+    tmp, home = tmp_path / "tmp", tmp_path / "bentoml"
+    tmp.mkdir()
+    home.mkdir()
+    env.update({"CHECKPOINT_DIR": str(tiny_run), "TMPDIR": str(tmp), "MPLCONFIGDIR": str(tmp / "matplotlib"),
+                "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True", "PYTHONDONTWRITEBYTECODE": "1",
+                "API_WORKERS": "1", "TORCH_THREADS": "1", "PATH": os.environ["PATH"], "HOME": "/nonexistent"})
+    port = free_port()
+    serve = " ".join(shlex.quote(part) for part in serve_command(port, "127.0.0.1"))
+    script = (f"mount -o remount,bind,ro / && mount -t tmpfs -o size=256m tmpfs {tmp} "
+              f"&& mount -t tmpfs -o size=64m tmpfs {home} && ! touch {ROOT}/.write-probe 2>/dev/null "
+              f"&& exec {serve} --timeout-graceful-shutdown 30")
+    log = open(tmp_path / "server.log", "wb")
+    process = subprocess.Popen([UNSHARE, "-m", "--propagation", "private", "sh", "-c", script], cwd=ROOT, env=env,
+                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_until_ready(url, 120, alive=lambda: process.poll() is None), (tmp_path / "server.log").read_text()
+        image = shapes(1)[0]
+        files = [("images", (image.name, image.data, image.content_type))]
+        assert httpx.post(f"{url}/classify", files=files, timeout=30).status_code == 200
+        one = [("image", (image.name, image.data, image.content_type))]
+        assert httpx.post(f"{url}/feature_maps", files=one, timeout=30).status_code == 200
+        assert httpx.post(f"{url}/explain", files=one, timeout=30).status_code == 200
+        assert httpx.get(f"{url}/atlas?layer=conv1&channel=0", timeout=30).status_code == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+        log.close()
+    assert not (ROOT / ".write-probe").exists()
+    text = (tmp_path / "server.log").read_text()
+    assert "Read-only file system" not in text and "Permission denied" not in text, text[-3000:]

@@ -21,21 +21,11 @@ import numpy as np
 import pytest
 
 from model.client_preprocess import client_pixels
-from testkit.images import encode, shape_image, shape_png
 from testkit.metrics import metric_samples, metric_sum
-from testkit.server import API_KEY, ROOT
+from testkit.server import API_KEY, ROOT, start_server
 
 KSERVE_PYTHON = ROOT / ".venv" / "peers" / "kserve" / "bin" / "python"
 PREDICTED = ("probabilities", "top_k_labels", "top_k_scores", "top_k_indices", "embedding")
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("oip_images")
-    made = {"cat.jpg": encode(shape_image(5, size=120), "JPEG", quality=90), "dog.png": shape_png(9, size=80)}
-    for name, data in made.items():
-        (folder / name).write_bytes(data)
-    return {name: folder / name for name in made}
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +122,8 @@ def test_tritonclient_calls_every_route_and_matches_classify(server, model, imag
                        outputs=[triton.InferRequestedOutput("probabilities", binary_data=binary, class_count=2)])
     first = top.as_numpy("probabilities")[0][0]
     score, index, label = (first.decode() if isinstance(first, bytes) else first).split(":")
-    assert int(index) == order[0][0] and label == labels[0][0] and abs(float(score) - probabilities[0, order[0][0]]) < 1e-5
+    assert int(index) == order[0][0] and label == labels[0][0]
+    assert abs(float(score) - probabilities[0, order[0][0]]) < 1e-5
     everything = client.infer(name, [_pixels_input(triton, pixels, binary)])
     assert {o["name"] for o in everything.get_response()["outputs"]} == set(PREDICTED)
 
@@ -197,8 +188,8 @@ def test_malformed_bodies_get_the_protocols_error_body_never_a_5xx(server, model
         "json data of the wrong size": (json.dumps({"inputs": [{"name": "pixels", "datatype": "UINT8",
                                                                 "shape": [1, 64, 64, 3], "data": [1, 2, 3]}]}).encode(),
                                         {}, 400, "size_mismatch"),
-        "two inputs": (json.dumps({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "data": ["AA=="]}] * 2
-                                   }).encode(), {}, 400, "one_input"),
+        "two inputs": (json.dumps({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1],
+                                               "data": ["AA=="]}] * 2}).encode(), {}, 400, "one_input"),
         "body over MAX_BODY_BYTES": (b"x" * (3 * 1024 * 1024 + 1), {}, 413, "body_too_large"),
     }
     for case, (body, headers, status, reason) in cases.items():
@@ -229,6 +220,40 @@ def test_oip_requests_are_counted_in_the_services_metrics(server, model, images)
     assert grew("cnn_refusals_total", endpoint="v2_infer", reason="shape_mismatch") == 1
     assert grew("cnn_preprocess_seconds_count", endpoint="v2_infer") == 3  # each image decoded once
     assert grew("cnn_top1_confidence_count") >= 3
+
+
+@pytest.mark.slow
+def test_at_capacity_infer_is_shed_with_503_and_retry_after(cli_env, registered_model, model, tmp_path_factory):
+    """Admission control as for /classify: a 5 ms latency budget admits one 16-image request at a time."""
+    import aiohttp
+
+    name, _ = model
+    server = start_server(cli_env, tmp_path_factory.mktemp("oip_shed"), MAX_LATENCY_MS="5", API_WORKERS="1")
+    pixels = np.zeros((16, 64, 64, 3), dtype=np.uint8)
+    header = json.dumps({"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": list(pixels.shape),
+                                     "parameters": {"binary_data_size": pixels.nbytes}}]}).encode()
+
+    async def flood() -> list[tuple[int, str | None, dict]]:
+        async with aiohttp.ClientSession() as session:
+            async def one():
+                async with session.post(f"{server.url}/v2/models/{name}/infer", data=header + pixels.tobytes(),
+                                        headers={"Inference-Header-Content-Length": str(len(header))}) as answer:
+                    body = await answer.read()
+                    return answer.status, answer.headers.get("Retry-After"), body
+
+            return await asyncio.gather(*(one() for _ in range(48)))
+
+    try:
+        answers = asyncio.run(flood())
+        refusals = metric_sum(metric_samples(server.url), "cnn_refusals_total", endpoint="v2_infer",
+                              reason="overloaded")
+    finally:
+        server.stop()
+    shed = [(retry, json.loads(body)) for status, retry, body in answers if status == 503]
+    assert {status for status, _, _ in answers} <= {200, 503} and shed and len(shed) < len(answers)
+    assert all(retry == "1" and list(body) == ["error"] and body["error"].startswith("overloaded: ")
+               for retry, body in shed)
+    assert refusals == len(shed)
 
 
 @pytest.mark.slow
@@ -294,7 +319,8 @@ def test_binary_response_puts_tensors_after_the_json_in_order():
 
     scores = np.array([[0.25, 0.75]], dtype=np.float32)
     body, length = encode_response({"model_name": "m"}, [
-        OutputTensor("scores", "FP32", scores, [1, 2], True), OutputTensor("labels", "BYTES", [["a", "bc"]], [1, 2], True),
+        OutputTensor("scores", "FP32", scores, [1, 2], True),
+        OutputTensor("labels", "BYTES", [["a", "bc"]], [1, 2], True),
         OutputTensor("top", "INT64", np.array([[1, 0]]), [1, 2], False)])
     header = json.loads(body[:length])
     assert [o.get("parameters", {}).get("binary_data_size") for o in header["outputs"]] == [8, 4 + 1 + 4 + 2, None]
@@ -340,7 +366,7 @@ def test_oip_infer_is_declared_sheddable_and_its_refusals_keep_the_protocols_bod
         return PlainTextResponse("reached")
 
     inner = Starlette(routes=[Route("/v2/models/{m}/infer", reached, methods=["POST"])])
-    app = UniformErrors(AddRetryAfter(RequireApiKey(ShedWhenFull(inner, retry_after_s=1), api_key="k"), 1))
+    app = UniformErrors(AddRetryAfter(RequireApiKey(ShedWhenFull(inner, setting=1), setting="k"), retry_after_s=1))
 
     async def call(headers):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
@@ -371,7 +397,8 @@ def test_readme_oip_examples_run_as_written(server, images, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     printed = result.stdout.strip().splitlines()
     assert len(printed) == 3 and "conv1 (2, 2, " in printed[1]
-    commands = [line for line in _readme_block("bash", "/v2/models/cnn-classifier").splitlines() if line.startswith("curl ")]
+    block = _readme_block("bash", "/v2/models/cnn-classifier")
+    commands = [line for line in block.splitlines() if line.startswith("curl ")]
     assert len(commands) == 2
     for command in commands:
         command = command.replace("http://127.0.0.1:3000", server.url)

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from testkit.images import shape_png
+from testkit.aggregation import alert_expressions, dashboard_expressions
 from testkit.server import ROOT, free_port
 
 OPS = ROOT / "ops"
@@ -19,16 +20,6 @@ PROMTOOL = shutil.which("promtool")
 PROMETHEUS = shutil.which("prometheus")
 needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (make system-deps)")
 needs_prometheus = pytest.mark.skipif(PROMETHEUS is None, reason="prometheus not installed (make system-deps)")
-
-
-def dashboard_expressions() -> list[str]:
-    dashboard = json.loads((OPS / "grafana" / "dashboards" / "cnn-service.json").read_text())
-    return [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
-
-
-def alert_expressions() -> dict[str, str]:
-    groups = yaml.safe_load((OPS / "alerts.yml").read_text())["groups"]
-    return {rule["alert"]: rule["expr"] for group in groups for rule in group["rules"]}
 
 
 @needs_promtool

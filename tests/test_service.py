@@ -8,7 +8,6 @@ import json
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
-import bentoml
 import httpx
 import numpy as np
 import pytest
