@@ -63,14 +63,14 @@ class Outcomes:
         self.latencies: dict[tuple[str, str], list[float]] = defaultdict(list)
         self.started = time.time()
         self.models: dict[str, int] = defaultdict(int)  # answers by the model version that gave them
-        self.timeline: list[tuple[float, float]] = []  # (unix time, ms) of ok answers, with LOCUST_TIMELINE
+        self.timeline: list[tuple[float, float, str]] = []  # (unix time, ms, outcome), with LOCUST_TIMELINE
 
     def record(self, name: str, outcome: str, milliseconds: float, model: str | None = None) -> None:
         self.latencies[(name, outcome)].append(milliseconds)
         if model is not None:
             self.models[model] += 1
-        if outcome == "ok" and TIMELINE:
-            self.timeline.append((time.time(), milliseconds))
+        if TIMELINE:
+            self.timeline.append((time.time(), milliseconds, outcome))
 
     def summary(self) -> dict:
         def pct(values: list[float], q: float) -> float:

@@ -103,16 +103,19 @@ def drive(url: str, tags: dict[str, str], server: ServerProcess, moves: int) -> 
 
 
 def gates(summary: dict, driven: dict, tags: dict[str, str], started: float) -> list[Gate]:
-    endpoints = summary["endpoints"].values()
-    errors = sum(e.get("error", 0) for e in endpoints)
-    shed = sum(e.get("shed", 0) for e in endpoints)
-    during = [ms for t, ms in summary["timeline"] if any(a <= t <= b for a, b in driven["windows"])]
-    steady = [ms for t, ms in summary["timeline"] if started + 5 <= t < started + STEADY_S]
+    """Errors count over the whole run; 503s from the first move on (the cold start's burst of 16 users
+    onto a fresh server may be refused by admission control: that is not the move's doing)."""
+    errors = sum(e.get("error", 0) for e in summary["endpoints"].values())
+    moving = driven["windows"][0][0]
+    shed = sum(1 for t, _, outcome in summary["timeline"] if outcome == "shed" and t >= moving)
+    ok = [(t, ms) for t, ms, outcome in summary["timeline"] if outcome == "ok"]
+    during = [ms for t, ms in ok if any(a <= t <= b for a, b in driven["windows"])]
+    steady = [ms for t, ms in ok if started + 5 <= t < moving]
     moves_ok = all(code == 200 for key, code in driven["answers"].items() if key != "v3")
     growth = max(driven["memory_after"].get(k, 0) / max(1, v) for k, v in driven["memory_before"].items())
     models = set(summary["models"])
     result = [
-        Gate("failed_requests (errors and 503s)", 0, errors + shed, errors + shed == 0),
+        Gate("failed_requests (errors, and 503s from the first move on)", 0, errors + shed, errors + shed == 0),
         Gate("answers_by_other_versions", 0, len(models - {tags["v1"], tags["v2"]}),
              models == {tags["v1"], tags["v2"]}),
         Gate("moves_succeeded", 1, float(moves_ok), moves_ok),
@@ -151,7 +154,11 @@ def run(preset: str, layout: str, moves: int, reports: Path) -> tuple[list[Gate]
             summary, _ = locust_results(scenario, reports)
         finally:
             server.stop()
-        return gates(summary, driven, tags, started), {"models": summary["models"], **driven}
+        moving = driven["windows"][0][0]
+        cold = sum(1 for t, _, outcome in summary["timeline"] if outcome == "shed" and t < moving)
+        seconds = sorted(round(b - a, 2) for a, b in driven["windows"])
+        return gates(summary, driven, tags, started), {"models": summary["models"], "cold_start_503s": cold,
+                                                       "move_seconds": seconds, **driven}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -169,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.gates == "behaviour":
         results = [g for g in results if "(speed)" not in g.name]
     print(json.dumps({"preset": args.preset, "layout": args.layout, "models": details["models"],
+                      "cold_start_503s": details["cold_start_503s"], "move_seconds": details["move_seconds"],
                       "memory_before": details["memory_before"], "memory_after": details["memory_after"]}))
     for gate in results:
         print(gate.line())

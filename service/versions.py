@@ -160,6 +160,14 @@ class VersionFollower:
         threading.Thread(target=self._follow, name="model-version-follower", daemon=True).start()
 
     def _follow(self) -> None:
+        # The lowest CPU priority for this thread, and the threads it starts (torch's intra-op threads
+        # of the new version's warm-up inherit it): a move must not take the cores from the requests
+        # being served meanwhile, or admission control would refuse some of them (seen in bf16 at 16
+        # users without it: a few 503s per move).
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except (AttributeError, OSError):  # not Linux: the move just competes for the cores
+            pass
         while True:
             time.sleep(POLL_SECONDS)
             try:
