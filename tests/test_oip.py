@@ -247,10 +247,19 @@ def test_at_capacity_infer_is_shed_with_503_and_retry_after(cli_env, registered_
         answers = asyncio.run(flood())
         refusals = metric_sum(metric_samples(server.url), "cnn_refusals_total", endpoint="v2_infer",
                               reason="overloaded")
+        # How many of the flood got through depends on the machine's speed. Alone, a request is admitted
+        # (an idle service takes any request); with a 5 ms budget a busy machine's event loop can still
+        # make it wait past the budget in the batcher's queue, so it may take a few tries.
+        for _ in range(5):
+            alone = httpx.post(f"{server.url}/v2/models/{name}/infer", content=header + pixels.tobytes(),
+                               headers={"Inference-Header-Content-Length": str(len(header))}, timeout=60)
+            if alone.status_code == 200:
+                break
     finally:
         server.stop()
     shed = [(retry, json.loads(body)) for status, retry, body in answers if status == 503]
-    assert {status for status, _, _ in answers} <= {200, 503} and shed and len(shed) < len(answers)
+    assert {status for status, _, _ in answers} <= {200, 503} and shed
+    assert alone.status_code == 200, alone.text
     assert all(retry == "1" and list(body) == ["error"] and body["error"].startswith("overloaded: ")
                for retry, body in shed)
     assert refusals == len(shed)
