@@ -104,16 +104,16 @@ def _layers(network: AlexNet) -> dict[str, LayerInfo]:
     return {row.name: row for row in layer_table(network)}
 
 
-def load_version(config: ServiceConfig, tag: str, device: torch.device, served: Manifest | None) -> tuple:
+def load_version(config: ServiceConfig, tag: str, device: torch.device, served: Manifest | None) -> ModelVersion:
     """A new version, loaded beside the served one: in the store, every hash verified, compatible with
-    `served`, the precision guard applied, warmed up. Returns (version, checkpoint path); raises on any
-    problem (the served version is untouched)."""
+    `served`, the precision guard applied, warmed up. Raises on any problem (the served version is
+    untouched)."""
     path, full_tag = store.resolve(tag)
     checkpoint = load_checkpoint(path)  # verifies the weights' and every attached file's sha256
     if served is not None:
         check_compatible(served, checkpoint.manifest)
     predictor = build_predictor(config, checkpoint, device, cpu_threads=torch.get_num_threads())
-    return ModelVersion.loaded(full_tag, path, predictor), path
+    return ModelVersion.loaded(full_tag, path, predictor)
 
 
 _pinned: contextvars.ContextVar[ModelVersion | None] = contextvars.ContextVar("pinned_model_version", default=None)

@@ -78,7 +78,7 @@ class ModelService:
         self.follower = follow_versions(self, "model", version.tag)
 
     def load(self, tag: str) -> ModelVersion:
-        return load_version(CONFIG, tag, self.device, self.current.manifest)[0]
+        return load_version(CONFIG, tag, self.device, self.current.manifest)
 
     def install(self, version: ModelVersion) -> None:
         self.metrics.announce_model(version.tag, version.predictor, self.device.type)

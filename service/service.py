@@ -150,7 +150,7 @@ class CNNService:
         if LAYOUT.split:  # the model worker loads the weights; this worker needs the shape and the atlas
             path, full_tag = store.resolve(tag)
             return ModelVersion.shape_only(full_tag, path)
-        return load_version(CONFIG, tag, self.device, self.backend.current.manifest)[0]
+        return load_version(CONFIG, tag, self.device, self.backend.current.manifest)
 
     def install(self, version: ModelVersion) -> None:
         if version.predictor is not None:

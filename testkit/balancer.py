@@ -20,7 +20,6 @@ from __future__ import annotations
 import csv
 import io
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import httpx
 
-from testkit.server import free_port
+from testkit.server import free_port, terminate
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 BACKEND = "replicas"
@@ -193,11 +192,5 @@ class Balancer:
         return httpx.get(f"{self.url}{path}", timeout=timeout)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process, grace_s=10)
         self._log.close()

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from testkit.server import ROOT, free_port
+from testkit.server import ROOT, free_port, terminate
 
 PROMETHEUS = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")
@@ -94,11 +94,5 @@ class Prometheus:
         return [rule for group in groups for rule in group["rules"]]
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process, grace_s=30)
         self._log.close()

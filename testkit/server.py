@@ -139,6 +139,17 @@ class ServerProcess:
         shutil.rmtree(self._home, ignore_errors=True)
 
 
+def terminate(process: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM a child process, and SIGKILL it if it has not exited within `grace_s` seconds."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def start_server(env: dict[str, str], log_dir: Path, **extra_env: str) -> ServerProcess:
     """A ready server with `extra_env` on top of `env`, logging to log_dir/server.log."""
     server = ServerProcess({**env, **extra_env}, log_dir / "server.log")
