@@ -1,61 +1,232 @@
-"""Admission control: refuse at the door what would miss the latency budget.
+"""Admission control: take what the service can answer within the latency budget, refuse the rest
+at the door, cheaply.
 
-BentoML's dispatcher sheds requests it predicts will miss max_latency_ms, but
-only once they reach it -- after their images were read and decoded. Under a
-flood that work alone starves the model of CPU. This check runs before any
-decoding: with `inflight` images admitted and the model measured at `rate`
-images/s, a new request would be answered in about (inflight + n) / rate
-seconds; over budget, it gets a 503 at once.
+A request is charged its cost in *units* -- single-image forward passes, plus
+its encoded bytes' decoding converted into forward-pass equivalents (a 3000x2000
+JPEG costs more to decode than a 640x480 one; an occlusion map costs its 64
+passes). A worker admits requests while the units in flight stay within its
+*cap*; beyond it a request waits in line or is refused (503 + Retry-After).
 
-`rate` is the model's own best recent speed: images per second of forward
-pass, as a maximum that decays by 5% a batch. Best, because a queue is drained in
-big batches, which run faster per image than the small ones seen at low load;
-the model's speed rather than the service's throughput, because throughput
-sinks when clients are few or when refusals eat CPU, and an estimate that
-followed it would refuse more, measure less and spiral down under a retry
-storm (seen here before this design).
+The cap is set by what admitted requests really take, not by a model of the
+service: in each half second, the 90th percentile of the time from admission
+to answer (body parsing, decoding, batching, the forward pass, the response,
+and whatever else shares the cores) is compared with the budget. Over it, the
+cap shrinks in proportion; well under it while requests were kept waiting,
+the cap grows (up to 1.5x a round). Only requests admitted under the current cap
+judge it, so one slow burst does not shrink it twice. This replaces an
+estimate built from the forward pass's speed alone, which both over-admitted
+where decoding dominates (accepted requests waited twice the budget) and,
+once it refused, sank with every slow batch: under a retry storm of batch
+requests the service collapsed to a third of its capacity.
+
+The rest of the design keeps refusals cheap, so that clients retrying at once
+(a retry storm) cannot eat the capacity:
+1. The door (service.guards.AdmitWhenRoom) decides before the body is read,
+   from the request line and Content-Length: units per body byte are learned
+   per endpoint from the requests it parsed. Once the request is parsed, its
+   exact cost replaces the estimate (`settle`). A refused body is never parsed.
+2. A request that does not fit waits at the door, body unread (TCP holds it
+   back), up to `wait_seconds`, in arrival order, for room to free up; only
+   then is it refused. An impolite client that retries the moment it is
+   refused therefore costs one cheap refusal per wait, not thousands a second,
+   and room that frees up is filled at once by a request already waiting.
+
+Every method runs on the worker's event loop (the guard, the endpoints and the
+batcher all do), so there are no locks.
 """
 
 from __future__ import annotations
 
-import threading
+import asyncio
+import collections
+import contextvars
+import time
+from dataclasses import dataclass
+
+
+@dataclass
+class Ticket:
+    """One admitted request's charge. `estimated`: charged at the door from its body's size, not yet
+    settled to its exact cost."""
+    units: float
+    label: str = ""
+    body_bytes: int = 0
+    estimated: bool = True
+    admitted_at: float = 0.0
+    queued: bool = False  # admitted while others were in flight
+
+
+# The ticket of the request being handled: set by the door (service.guards), settled by the endpoint.
+TICKET: contextvars.ContextVar[Ticket | None] = contextvars.ContextVar("admission_ticket", default=None)
 
 
 class Admission:
-    DECAY = 0.95  # per observed batch
+    WINDOW_S = 0.5  # seconds per judgement of the cap, at the least
+    ANSWERS = 8  # answers per judgement (one slow answer is not a trend), or 4 windows' worth
+    QUANTILE = 0.9  # of the time from admission to answer, held to the budget
+    MAX_GROWTH = 1.5  # per judgement, when requests are answered far within the budget
+    MAX_SHRINK = 0.7
 
-    def __init__(self, budget_seconds: float, initial_rate: float):
+    def __init__(self, budget_seconds: float, initial_rate: float, wait_seconds: float = 0.0,
+                 decode_seconds_per_byte: float = 0.0, clock=time.monotonic):
         self.budget_seconds = budget_seconds
-        self.rate = max(initial_rate, 1e-3)
-        self.inflight = 0
-        self._lock = threading.Lock()
+        self.cap = max(1.0, initial_rate * budget_seconds)  # units in flight; judged from here on
+        self.wait_seconds = wait_seconds
+        self.decode_seconds_per_byte = decode_seconds_per_byte  # measured at start-up (service.decoding)
+        self.forward_seconds_per_pass = 1 / max(initial_rate, 1e-3)
+        self._forward_batches = 0
+        self.inflight = 0.0
+        self.requests = 0  # admitted and not yet answered
+        self.recent_seconds = 0.0  # the last judged quantile of admission-to-answer
+        self._clock = clock
+        self._waiters: collections.deque[tuple[float, asyncio.Future]] = collections.deque()
+        self._units_per_body_byte: dict[str, float] = {}
+        self._judged_since = clock()  # requests admitted before this were admitted under an older cap
+        self._answer_seconds: list[float] = []
+        self._pressed = False  # a request waited or was refused since the last judgement
 
-    def try_admit(self, images: int) -> bool:
-        with self._lock:
-            # An idle service takes any request, however large, so nothing is refused forever.
-            if self.inflight > 0 and (self.inflight + images) / self.rate > self.budget_seconds:
-                return False
-            self.inflight += images
-            return True
+    # ----- what a request costs -----------------------------------------------------------------
 
-    def full(self) -> bool:
-        """Would even a one-image request be refused now? (Checked before the body is read.)"""
-        return self.inflight > 0 and (self.inflight + 1) / self.rate > self.budget_seconds
+    def units(self, forward_passes: float, encoded_bytes: int = 0) -> float:
+        """Forward passes, plus the decoding of `encoded_bytes` in forward-pass equivalents."""
+        return forward_passes + encoded_bytes * self.decode_seconds_per_byte / self.forward_seconds_per_pass
+
+    def observe_forward(self, images: int, seconds: float) -> None:
+        """A batch ran. The first batches fix what one image's share of a batch costs (their fastest),
+        the exchange rate between decoding and forward passes; fixed, so a unit stays a unit."""
+        if images and seconds > 0 and self._forward_batches < 20:
+            self._forward_batches += 1
+            self.forward_seconds_per_pass = min(seconds / images, self.forward_seconds_per_pass)
+
+    def door_estimate(self, label: str, body_bytes: int | None) -> float:
+        """A request's units from its endpoint and Content-Length alone (before its body is read)."""
+        per_byte = self._units_per_body_byte.get(label)
+        if per_byte is None or not body_bytes:
+            return 1.0
+        return max(1.0, per_byte * body_bytes)
+
+    # ----- admitting -----------------------------------------------------------------------------
+
+    def fits(self, units: float) -> bool:
+        # An idle worker takes any request, however large, so nothing is refused forever.
+        return self.requests == 0 or self.inflight + units <= self.cap
+
+    def try_admit(self, units: float) -> bool:
+        """Admit now if it fits and nobody is waiting ahead of it."""
+        if self._waiters or not self.fits(units):
+            return False
+        self._take(units)
+        return True
+
+    async def enter(self, units: float, label: str = "", body_bytes: int = 0) -> Ticket | None:
+        """A ticket for `units`, at once or after waiting in line up to wait_seconds; None: refused."""
+        ticket = Ticket(units, label, body_bytes or 0, queued=self.requests > 0)
+        if not self.try_admit(units):
+            self._pressed = True
+            if not await self._wait_in_line(units):
+                return None
+            ticket.queued = True
+        ticket.admitted_at = self._clock()
+        return ticket
+
+    async def _wait_in_line(self, units: float) -> bool:
+        if self.wait_seconds <= 0:
+            return False
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append((units, waiter))
+        admitted = False
+        try:
+            done, _ = await asyncio.wait({waiter}, timeout=self.wait_seconds)
+            admitted = waiter in done
+        finally:
+            if not admitted:  # the wait ran out, or the client went away while waiting
+                if waiter.done() and not waiter.cancelled():  # room came just as it was cancelled
+                    self.inflight -= units
+                    self.requests -= 1
+                waiter.cancel()
+                try:
+                    self._waiters.remove((units, waiter))
+                except ValueError:
+                    pass
+                self._wake()
+        return admitted
+
+    def settle(self, ticket: Ticket, units: float) -> bool:
+        """Charge a parsed request its exact cost instead of the door's estimate. False: it turned out far
+        larger than estimated and does not fit (the caller refuses it; the door releases the ticket)."""
+        if ticket.body_bytes:
+            learned = self._units_per_body_byte.get(ticket.label)
+            observed = units / ticket.body_bytes
+            self._units_per_body_byte[ticket.label] = observed if learned is None else 0.8 * learned + 0.2 * observed
+        extra = units - ticket.units
+        ticket.estimated = False
+        alone = self.requests <= 1  # nothing else in flight: it is served, however large
+        if extra > ticket.units and not alone and self.inflight + extra > self.cap:
+            return False
+        self.inflight += extra
+        ticket.units = units
+        if extra < 0:
+            self._wake()
+        return True
+
+    def release(self, ticket: Ticket, served: bool) -> None:
+        """The request is answered: its units leave; a served one's time from admission to answer
+        judges the cap."""
+        self.requests -= 1
+        self.inflight = max(0.0, self.inflight - ticket.units) if self.requests else 0.0
+        ticket.units = 0.0
+        now = self._clock()
+        # Judged by requests that queued behind others: one alone takes what it takes, whatever the cap.
+        if served and ticket.queued and ticket.admitted_at >= self._judged_since:
+            self._answer_seconds.append(now - ticket.admitted_at)
+        elapsed, answers = now - self._judged_since, len(self._answer_seconds)
+        if (elapsed >= self.WINDOW_S and answers >= self.ANSWERS) or (elapsed >= 4 * self.WINDOW_S and answers):
+            self._judge(now)
+        self._wake()
 
     def load(self) -> float:
-        """Seconds to answer what is admitted, as a fraction of the budget: 1.0 is full (new requests
-        are refused). The one number that says how busy an instance is whatever its speed: the
+        """Admitted work over what the worker admits (the cap): 1.0 is full (new requests wait or are
+        refused). The one number that says how busy an instance is whatever its speed: the
         autoscaler's metric (deploy/kubernetes)."""
-        return self.inflight / self.rate / self.budget_seconds
+        return self.inflight / self.cap
 
-    def release(self, images: int) -> None:
-        with self._lock:
-            self.inflight -= images
+    def full(self) -> bool:
+        return not self.fits(1.0)
 
-    def observe(self, images: int, forward_seconds: float) -> None:
-        """Fold in one forward pass: `images` in `forward_seconds`."""
-        if forward_seconds > 0:
-            with self._lock:
-                # Decays by half in about 14 batches: one slow batch barely moves it, while
-                # a machine slowed for seconds (other load on its cores) is followed.
-                self.rate = max(images / forward_seconds, self.rate * self.DECAY)
+    def waiting(self) -> int:
+        return sum(1 for _, waiter in self._waiters if not waiter.done())
+
+    def door_rates(self) -> dict[str, float]:
+        """What the door has learned to charge per MB of body, per endpoint."""
+        return {label: round(per_byte * 1_000_000, 2) for label, per_byte in self._units_per_body_byte.items()}
+
+    # ----- judging the cap --------------------------------------------------------------------------
+
+    def _judge(self, now: float) -> None:
+        times = sorted(self._answer_seconds)
+        self.recent_seconds = times[min(len(times) - 1, int(self.QUANTILE * len(times)))]
+        ratio = self.budget_seconds / max(self.recent_seconds, 1e-6)
+        if ratio < 1:  # answered too late: admit less, in proportion
+            self.cap = max(1.0, self.cap * max(self.MAX_SHRINK, ratio))
+        elif self._pressed:  # within the budget while requests were kept waiting or refused: admit more
+            self.cap *= min(self.MAX_GROWTH, ratio)
+        self._answer_seconds = []
+        self._pressed = False
+        self._judged_since = now
+
+    def _wake(self) -> None:
+        """Admit waiting requests, in arrival order, while the first of them fits."""
+        while self._waiters:
+            units, waiter = self._waiters[0]
+            if waiter.done():
+                self._waiters.popleft()
+                continue
+            if not self.fits(units):
+                return
+            self._waiters.popleft()
+            self._take(units)
+            waiter.set_result(True)
+
+    def _take(self, units: float) -> None:
+        self.inflight += units
+        self.requests += 1

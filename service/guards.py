@@ -7,7 +7,8 @@ service.service in the order they run:
   AddRetryAfter   Retry-After on every 503
   RequireApiKey   401 without the key, on every path not declared open (service.endpoints)
   RequireAdminKey 401 without ADMIN_KEY on the admin paths; 403 when none is set (they are off)
-  ShedWhenFull    503 for inference while the model is full, before the body is read
+  AdmitWhenRoom   admission control's door: inference admitted at its estimated cost, or held in
+                  line for room, or refused (503) -- before the body is read (service.admission)
   LimitBody       413 over MAX_BODY_BYTES; reads the body once and passes it on whole
   CheckMultipart  400 for a multipart body BentoML would choke on, or text in a file field
 
@@ -24,6 +25,7 @@ import hmac
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from service import endpoints
+from service.admission import TICKET
 from service.errors import Refusal
 from service.rewrites import amend_docs, uniform_errors
 
@@ -125,14 +127,43 @@ class RequireAdminKey(_Check):
         return None if _bearer_matches(scope, self.setting) else _unauthorized("admin key")
 
 
-class ShedWhenFull(_Check):
-    """setting: RETRY_AFTER_S."""
+class AdmitWhenRoom(_Guard):
+    """Admission control's door (service.admission), before the body is read: a request to an endpoint
+    that runs the model is admitted at a cost estimated from its Content-Length, waits in line for
+    room, or is refused (503 + Retry-After) with its body unread. Its ticket is held until the answer
+    is sent; the endpoint settles it to the exact cost once the request is parsed."""
 
-    def check(self, scope) -> Refusal | None:
-        path = scope.get("path", "")
-        if endpoints.is_sheddable(scope.get("method", ""), path) and _model_full(path):
-            return Refusal.overloaded(self.setting)
-        return None
+    def __init__(self, app, retry_after_s: int):
+        super().__init__(app)
+        self.retry_after_s = retry_after_s
+
+    async def guard(self, scope, receive, send):
+        path, method = scope.get("path", ""), scope.get("method", "")
+        service = _current_service() if endpoints.is_sheddable(method, path) else None
+        admission = getattr(service, "admission", None)
+        if admission is None:
+            return await self.app(scope, receive, send)
+        label, body_bytes = endpoints.find(path).label, _content_length(scope) or 0
+        ticket = await admission.enter(admission.door_estimate(label, body_bytes), label, body_bytes)
+        if ticket is None:
+            service.metrics.refusals.labels(label, "overloaded").inc()
+            return await self.refuse(Refusal.overloaded(self.retry_after_s), scope, receive, send)
+        service.metrics.observe_admission(admission)
+        status = 0
+
+        async def note_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        token = TICKET.set(ticket)
+        try:
+            await self.app(scope, receive, note_status)
+        finally:
+            TICKET.reset(token)
+            admission.release(ticket, served=status == 200)
+            service.metrics.observe_admission(admission)
 
 
 class LimitBody(_Guard):
@@ -183,15 +214,10 @@ def _bearer_matches(scope, key: str) -> bool:
     return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key.encode())
 
 
-def _model_full(path: str) -> bool:
+def _current_service():
     import bentoml
 
-    service = bentoml.get_current_service()
-    admission = getattr(service, "admission", None)
-    if admission is None or not admission.full():
-        return False
-    service.metrics.refusals.labels(endpoints.find(path).label, "overloaded").inc()
-    return True
+    return bentoml.get_current_service()
 
 
 def _header(scope, name: bytes) -> bytes | None:
@@ -290,6 +316,6 @@ def add_guards(service_class, config) -> None:
     service_class.add_asgi_middleware(AddRetryAfter, retry_after_s=config.retry_after_s)
     service_class.add_asgi_middleware(RequireApiKey, setting=config.api_key)
     service_class.add_asgi_middleware(RequireAdminKey, setting=config.admin_key)
-    service_class.add_asgi_middleware(ShedWhenFull, setting=config.retry_after_s)
+    service_class.add_asgi_middleware(AdmitWhenRoom, retry_after_s=config.retry_after_s)
     service_class.add_asgi_middleware(LimitBody, max_body_bytes=config.max_body_bytes)
     service_class.add_asgi_middleware(CheckMultipart)

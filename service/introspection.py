@@ -27,6 +27,17 @@ from service.errors import Refusal, refusal_for
 UI_DIR = Path(__file__).parent / "ui"
 
 
+def admission_state(admission) -> dict:
+    """Admission control's state in this worker (service.admission): work in single-image forward-pass
+    equivalents (decoding included), the cap on it, the time answers took, the line at the door."""
+    return {"inflight_requests": admission.requests, "inflight_units": round(admission.inflight, 2),
+            "cap_units": round(admission.cap, 1), "target_seconds": admission.budget_seconds,
+            "recent_answer_seconds": round(admission.recent_seconds, 3),
+            "waiting": admission.waiting(), "wait_seconds": admission.wait_seconds,
+            "decode_units_per_mb": round(admission.units(0, 1_000_000), 2),
+            "door_units_per_mb": admission.door_rates()}
+
+
 async def describe_model(service) -> dict:
     """The served model: preset, classes, preprocessing, training metrics, checkpoint sha256,
     device and precision, the process layout, batching settings, limits and the layer table."""
@@ -49,9 +60,7 @@ async def describe_model(service) -> dict:
         "layout": service.layout.describe(),
         "batching": {"max_batch_size": config.max_batch_size, "max_latency_ms": config.max_latency_ms,
                      "batcher": "bentoml (model service)" if service.layout.split else "in-process",
-                     "admission": {"inflight_images": service.admission.inflight,
-                                   "model_images_per_s": round(service.admission.rate, 1),
-                                   "target_seconds": service.admission.budget_seconds}},
+                     "admission": admission_state(service.admission)},
         "limits": {
             "max_images_per_request": config.max_images_per_request,
             "max_body_bytes": config.max_body_bytes,
@@ -110,7 +119,8 @@ def _refused(err: Exception, service) -> Response:
 
 async def move_model(request: Request) -> Response:
     """POST {"tag": "cnn-classifier:<version>"}: move every worker to that version (service.versions),
-    answering when all serve it, or saying which did not and why (then all are back on the old one)."""
+    answering when all serve it, or saying which did not and why (then all are back on the old one).
+    409 move_in_progress while another move runs: moves are not queued."""
     service = bentoml.get_current_service()
     try:
         tag = (await request.json())["tag"]
@@ -118,15 +128,14 @@ async def move_model(request: Request) -> Response:
             raise ValueError
     except (ValueError, KeyError, TypeError):
         return Refusal(400, "invalid_request", 'send {"tag": "<model name>:<version>"}').response()
-    served = service.backend.current
-    try:
-        full_tag = await anyio.to_thread.run_sync(versions.check_candidate, tag, served.manifest)
-    except versions.MoveRefused as err:
-        service.metrics.model_swaps.labels("refused").inc()
-        return Refusal(err.status, err.reason, err.detail).response()
     expected = service.layout.api_workers + service.layout.model_workers
-    result = await anyio.to_thread.run_sync(versions.move_all, service.versions.control, full_tag, served.tag,
-                                            expected, float(service.config.request_timeout_s * 4))
+    try:  # one move at a time across the workers; the version checked (not built) before any moves
+        result = await anyio.to_thread.run_sync(
+            lambda: versions.request_move(service.versions.control, tag, lambda: service.backend.current, expected,
+                                          float(service.config.request_timeout_s * 4),
+                                          on_refused=service.metrics.model_swaps.labels("refused").inc))
+    except versions.MoveRefused as err:
+        return Refusal(err.status, err.reason, err.detail).response()
     if not result.moved:
         return JSONResponse({"error": result.reason, "detail": result.detail, **result.to_dict()}, status_code=409)
     return JSONResponse(result.to_dict())

@@ -61,7 +61,9 @@ class ServiceMetrics:
         for result in ("ok", "refused"):
             self.model_swaps.labels(result)
         # Per worker process; a pod's figure is the sum (images) or the largest (load) over its workers.
-        self.inflight_images = prom.Gauge("cnn_inflight_images", "Images admitted and not yet answered.",
+        self.inflight_images = prom.Gauge("cnn_inflight_images",
+                                          "Work admitted and not yet answered, in single-image forward passes "
+                                          "(decoding included: service.admission).",
                                           multiprocess_mode="livesum")
         self.admission_load = prom.Gauge(
             "cnn_admission_load",

@@ -3,8 +3,8 @@
     bentoml serve .            # from the repo root (bentofile.yaml names this class)
 
 A request's way through (service.config explains the two layouts):
-  1. admission control refuses (503 + Retry-After) what would miss the latency
-     budget, before the body is decoded (service.admission);
+  1. admission control admits it at its cost, holds it in line for room, or
+     refuses it (503 + Retry-After) -- before its body is read (service.admission);
   2. its images decode in worker threads straight to about the model's input
      size (service.decoding);
   3. the uint8 pixels go to the backend (service.backend): our batcher and the
@@ -31,13 +31,13 @@ from model.preprocess import DecodeLimits
 from service import feature_maps as maps
 from service.explain import explain as explain_image
 from service.explain import gradcam as gradcam_image
-from service.admission import Admission
+from service.admission import TICKET, Admission
 from model import store
 from service.backend import (
     LocalBackend, ModelVersion, Predictions, RemoteBackend, build_predictor, load_or_exit, load_version, locate_model,
 )
 from service.config import CONFIG, Layout
-from service.decoding import Decoder
+from service.decoding import Decoder, decode_seconds_per_byte
 from service.errors import Refusal, refusal_for
 from service.guards import add_guards
 from service.inputs import collect_payloads
@@ -96,10 +96,10 @@ class CNNService:
         self.device = pick_device(CONFIG.device)
         self.metrics = ServiceMetrics("cpu" if LAYOUT.split else self.device.type)
         budget = CONFIG.admission_target * CONFIG.max_latency_ms / 1000
-        if LAYOUT.split:  # each API worker admits its share of what the model can take in the budget
+        if LAYOUT.split:
             version = ModelVersion.shape_only(MODEL_TAG, MODEL_PATH)
             self.backend = RemoteBackend(self.model_service, version, CONFIG, self._observe_batch)
-            self.admission = Admission(budget / LAYOUT.api_workers, initial_rate=100.0)
+            initial_rate = 100.0 / LAYOUT.api_workers  # replaced by what it measures within a second of load
         else:
             # Every worker's forward may use every core: alone (low load) it is as fast as one process;
             # busy, the workers share them (BENCHMARKS.md measured 1 vs 2 workers, 1 vs all threads).
@@ -108,12 +108,16 @@ class CNNService:
             self.backend = LocalBackend(version, CONFIG, self._observe_batch)
             probe = predictor.predict(torch.zeros(8, 3, predictor.input_size, predictor.input_size,
                                                   dtype=torch.uint8))
-            self.admission = Admission(budget, 8 / probe.forward_seconds)
+            initial_rate = 8 / probe.forward_seconds
             self.metrics.announce_model(version.tag, predictor, self.device.type)
+        limits = DecodeLimits(max_bytes=CONFIG.max_image_bytes, max_pixels=CONFIG.max_image_pixels)
+        # Each worker measures its own completion rate (service.admission), so each takes the whole budget.
+        self.admission = Admission(budget, initial_rate, wait_seconds=CONFIG.admission_wait_ms / 1000,
+                                   decode_seconds_per_byte=decode_seconds_per_byte(
+                                       version.manifest.preprocessing, limits))
         self.input_size = version.manifest.preprocessing.input_size  # the same for every version it may move to
         gpu = self.device if self.device.type == "cuda" and CONFIG.gpu_decode != "off" else None
-        self.decoder = Decoder(version.manifest.preprocessing,
-                               DecodeLimits(max_bytes=CONFIG.max_image_bytes, max_pixels=CONFIG.max_image_pixels), gpu)
+        self.decoder = Decoder(version.manifest.preprocessing, limits, gpu)
         self.versions = follow_versions(self, "api" if LAYOUT.split else "model", version.tag)
         if LAYOUT.split:
             self.backend.catch_up = self.versions.step
@@ -279,14 +283,26 @@ class CNNService:
         return await self._on_one_image(endpoint, image, image_base64, work, cost=request.cost(self.input_size))
 
     @contextlib.asynccontextmanager
-    async def _admitted(self, images: int):
-        if not self.admission.try_admit(images):
+    async def _admitted(self, forward_passes: float, encoded_bytes: int = 0):
+        """Charge this request its exact cost: settle the ticket the door (service.guards.AdmitWhenRoom)
+        gave it at an estimate, or, where no door ran, admit it here."""
+        units = self.admission.units(forward_passes, encoded_bytes)
+        ticket = TICKET.get()
+        if ticket is not None:
+            if not self.admission.settle(ticket, units):
+                raise Refusal.overloaded(self.config.retry_after_s)
+            self.metrics.observe_admission(self.admission)
+            yield
+            return
+        ticket = await self.admission.enter(units)
+        if ticket is None:
             raise Refusal.overloaded(self.config.retry_after_s)
-        self.metrics.observe_admission(self.admission)
+        served = False
         try:
             yield
+            served = True
         finally:
-            self.admission.release(images)
+            self.admission.release(ticket, served)
             self.metrics.observe_admission(self.admission)
 
     async def _decode(self, endpoint: str, payloads: list[bytes]) -> np.ndarray:
@@ -294,7 +310,7 @@ class CNNService:
 
     async def _predict(self, endpoint: str, images, images_base64) -> Predictions:
         payloads = collect_payloads(images, images_base64, True, self.config.max_images_per_request)
-        async with self._admitted(len(payloads)):
+        async with self._admitted(len(payloads), sum(len(data) for data in payloads)):
             return await self.backend.predict(await self._decode(endpoint, payloads))
 
     async def _classify(self, images, images_base64, top_k: int) -> ClassifyResponse:
@@ -314,7 +330,7 @@ class CNNService:
         """One image (file or base64) through `work(pixels)`: admitted (as `cost` images' worth of
         forward passes), decoded, timed and counted."""
         data = collect_payloads([image] if image else None, [image_base64] if image_base64 else None, False)[0]
-        async with self._admitted(cost):
+        async with self._admitted(cost, len(data)):
             pixels = (await self._decode(endpoint, [data]))[0]
             with self.metrics.forward_seconds.labels(endpoint, self.metrics.device).time():
                 result = await work(pixels)
@@ -337,7 +353,7 @@ class CNNService:
         return ClassifyResponse(model=predicted.version.tag, predictions=predictions)
 
     def _observe_batch(self, images: int, forward_seconds: float) -> None:
-        self.admission.observe(images, forward_seconds)
+        self.admission.observe_forward(images, forward_seconds)
         if not self.layout.split:  # the model service counts its own batches
             self.metrics.observe_batch(images, forward_seconds)
 

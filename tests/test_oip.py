@@ -354,17 +354,20 @@ def test_client_pixels_equal_the_servers_decoding(images):
 
 
 def test_oip_infer_is_declared_sheddable_and_its_refusals_keep_the_protocols_body(monkeypatch):
-    """ShedWhenFull and the API key in front of /v2/...: their refusals are {"error": "..."} too."""
+    """Admission's door and the API key in front of /v2/...: their refusals are {"error": "..."} too."""
     import bentoml
     from starlette.applications import Starlette
     from starlette.responses import PlainTextResponse
     from starlette.routing import Route
 
     from service import endpoints
-    from service.guards import AddRetryAfter, RequireApiKey, ShedWhenFull, UniformErrors
+    from service.admission import Admission
+    from service.guards import AddRetryAfter, AdmitWhenRoom, RequireApiKey, UniformErrors
 
     counter = SimpleNamespace(inc=lambda: None)
-    full = SimpleNamespace(admission=SimpleNamespace(full=lambda: True),
+    admission = Admission(budget_seconds=0.1, initial_rate=10.0)
+    assert admission.try_admit(5) and admission.full()  # half a second of work admitted: no room
+    full = SimpleNamespace(admission=admission,
                            metrics=SimpleNamespace(refusals=SimpleNamespace(labels=lambda *labels: counter)))
     monkeypatch.setattr(bentoml, "get_current_service", lambda: full)
     assert endpoints.is_sheddable("POST", "/v2/models/m/versions/2/infer")
@@ -375,7 +378,7 @@ def test_oip_infer_is_declared_sheddable_and_its_refusals_keep_the_protocols_bod
         return PlainTextResponse("reached")
 
     inner = Starlette(routes=[Route("/v2/models/{m}/infer", reached, methods=["POST"])])
-    app = UniformErrors(AddRetryAfter(RequireApiKey(ShedWhenFull(inner, setting=1), setting="k"), retry_after_s=1))
+    app = UniformErrors(AddRetryAfter(RequireApiKey(AdmitWhenRoom(inner, retry_after_s=1), setting="k"), retry_after_s=1))
 
     async def call(headers):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:

@@ -179,8 +179,8 @@ def test_sigterm_drains_in_flight_requests(own_server, tmp_path):
     # while one is still connecting: a connection refused after SIGTERM is correct behaviour.
     deadline = time.time() + 120
     while time.time() < deadline:
-        in_flight = client.get("/model").json()["batching"]["admission"]["inflight_images"]
-        if in_flight + 8 * len(results) >= 64:
+        in_flight = client.get("/model").json()["batching"]["admission"]["inflight_requests"]
+        if in_flight + len(results) >= 8:
             break
         time.sleep(0.01)
     os.killpg(server.process.pid, signal.SIGTERM)
@@ -188,7 +188,7 @@ def test_sigterm_drains_in_flight_requests(own_server, tmp_path):
         thread.join()
     server.process.wait(timeout=60)
     client.close()
-    print(f"\nSIGTERM with {in_flight} images of 8 requests in flight: {results}")
+    print(f"\nSIGTERM with {in_flight} of 8 requests in flight: {results}")
     assert in_flight > 0, "every request finished before SIGTERM: nothing was drained"
     assert results == [200] * 8
 
