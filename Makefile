@@ -105,9 +105,14 @@ oip-clients: $(PEERS)/kserve/.installed
 bench-oip: $(INSTALLED)
 	$(PY) -m loadtests.oip_bench $(BENCH_ARGS)
 
-# Triton Inference Server itself as the peer (the null model, OIP UINT8), from PyPI's nvidia-pytriton in
-# an environment of its own: it needs Python 3.12 with libpython3.12.so (its Python backend stub fails
-# with 3.11) and numpy<2. Where that cannot be built or started the peer is skipped with the reason.
+# Triton Inference Server itself as the peer, from PyPI's nvidia-pytriton in an environment of its own: it
+# needs Python 3.12 with libpython3.12.so (its Python backend stub fails with 3.11) and numpy<2. Two peers
+# (loadtests/triton_peer.py): the null model, and the torchvision preset's network (the very checkpoint the
+# service serves beside it) exported to ONNX by the project's environment -- with the `onnx` package from
+# a directory of its own, not a project dependency -- and run in fp32 by onnxruntime (the peer's
+# environment only) inside pytriton's callable, with Triton's dynamic batcher. This service's rows: the
+# torchvision preset with PRECISION=fp32 (the peer's dtype) and auto (bf16 where the CPU computes it).
+# Where anything cannot be built or started, that peer is skipped with the reason. About 5 minutes on 2 cores.
 PYTHON312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12 /usr/bin/python3.12 \
                                     /usr/local/bin/python3.12))
 $(PEERS)/triton/.installed:
@@ -116,9 +121,19 @@ $(PEERS)/triton/.installed:
 	$(PEERS)/triton/bin/pip install --quiet nvidia-pytriton==0.7.0 'numpy<2'
 	touch $@
 
+$(PEERS)/triton/.onnxruntime: $(PEERS)/triton/.installed
+	$(PEERS)/triton/bin/pip install --quiet onnxruntime==1.31.1 'numpy<2'
+	touch $@
+
+$(PEERS)/onnx-export/.installed: $(INSTALLED)
+	$(PY) -m pip install --quiet --upgrade --no-deps --target $(PEERS)/onnx-export onnx==1.23.2 protobuf==7.36.2
+	touch $@
+
 bench-peers: $(INSTALLED)
-	-$(MAKE) --no-print-directory $(PEERS)/triton/.installed
-	$(PY) -m loadtests.oip_bench --models null --paths oip_uint8 --peer triton $(BENCH_ARGS)
+	-$(MAKE) --no-print-directory $(PEERS)/triton/.onnxruntime $(PEERS)/onnx-export/.installed
+	-PYTHONPATH=$(PEERS)/onnx-export $(PY) -m loadtests.triton_peer export
+	$(PY) -m loadtests.oip_bench --models null torchvision --paths oip_uint8 --precisions fp32 auto \
+	  --max-latency-ms 30000 --seconds 6 --peer triton $(BENCH_ARGS)
 
 # On a CUDA machine: the GPU tests, then the benchmark, then a short report (reports/gpu-check.txt).
 gpu-check: $(INSTALLED)

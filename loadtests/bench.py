@@ -1,7 +1,8 @@
 """`make bench`: the service against the limits, measured in one run on one machine.
 
-    python -m loadtests.bench                              # everything (about 8 minutes on 2 cores)
+    python -m loadtests.bench                              # everything (about 10 minutes on 2 cores)
     python -m loadtests.bench --presets small --clients 1 32 --skip-forward
+    python -m loadtests.bench --peer                       # only the BentoML peer comparison (~2.5 minutes)
 
   1. forward passes (loadtests.forward): torchvision's own AlexNet in fp32 and
      bf16 at batch 1/8/32/64 -- the limit L is its best -- and the project's
@@ -14,7 +15,13 @@
      process tree (API and model workers);
   4. the frontend alone: the null model (NULL_MODEL=1: a forward that costs
      nothing) in the split layout at 1 and 2 API workers, and in one process:
-     requests/s per core of server CPU, what predicts a GPU box.
+     requests/s per core of server CPU, what predicts a GPU box;
+  5. the peer: torchvision's AlexNet served the way BentoML's docs serve a model
+     (loadtests/bentoml_peer: batchable API, PIL images, torchvision transforms, in the
+     precision the service reports) against the service's `torchvision` preset, at
+     1 x 1, 32 x 1, 4 x 8 and 32 x 8 (clients x images per request; closed-loop
+     clients that retry a 503 at once): images/s served, statuses, accepted
+     p50/p99, server CPU per image, and the ratio ours / peer at each load.
 Weights are random (speed does not depend on them). A table on stdout,
 reports/bench.json and reports/bench.png. No gates here: BENCHMARKS.md reads
 the ratios.
@@ -35,6 +42,7 @@ from pathlib import Path
 import torch
 
 from loadtests import forward
+from loadtests.bentoml_peer import PeerServer
 from testkit.images import photos
 from testkit.metrics import metric_samples, metric_sum
 from testkit.models import untrained_checkpoint
@@ -47,6 +55,8 @@ CONCURRENCY = (1, 8, 32, 64)
 # scenario with the default budget.
 DEFAULT_SERVER_ENV = {"MAX_LATENCY_MS": "3000"}
 DECODE_SIZES = ((640, 480), (1280, 960), (3000, 2000))
+# The peer comparison's loads, (clients, images per request): issue 19's table.
+PEER_LOADS = ((1, 1), (32, 1), (4, 8), (32, 8))
 
 
 def decode_costs(presets: tuple[str, ...]) -> dict[str, dict[str, float]]:
@@ -91,17 +101,21 @@ def request_photo_decode_ms(preset: str) -> float:
     return statistics.median(times) * 1000
 
 
-async def closed_loop(url: str, bodies: list[tuple[bytes, dict]], clients: int, seconds: float) -> dict:
+async def closed_loop(url: str, bodies: list[tuple[bytes, dict]], clients: int, seconds: float,
+                      images_per_request: int = 1) -> dict:
     """`clients` closed-loop clients POSTing (body, headers) pairs in turn to `url` for `seconds`, each
-    sending its next request as soon as the last one returned; only 200s count as served."""
+    sending its next request as soon as the last one returned -- a 503 is retried at once, Retry-After
+    ignored. Only 200s count as served; each body carries `images_per_request` images. `statuses`
+    counts the answers by HTTP status, and "exception" for requests that got none (connection
+    errors, time-outs); `errors` is every request that was not a 200. Latency percentiles are of the
+    accepted (200) requests."""
     import aiohttp
 
     latencies: list[float] = []
-    errors = 0
+    statuses: dict[str, int] = {}
     stop = time.perf_counter() + seconds
 
     async def client(index: int, session) -> None:
-        nonlocal errors
         i = index
         while time.perf_counter() < stop:
             body, headers = bodies[i % len(bodies)]
@@ -110,13 +124,12 @@ async def closed_loop(url: str, bodies: list[tuple[bytes, dict]], clients: int, 
             try:
                 async with session.post(url, data=body, headers=headers) as resp:
                     await resp.read()
-                    ok = resp.status == 200
-            except aiohttp.ClientError:
-                ok = False
-            if ok:
+                    status = str(resp.status)
+            except (aiohttp.ClientError, TimeoutError):
+                status = "exception"
+            if status == "200":
                 latencies.append(time.perf_counter() - start)
-            else:
-                errors += 1
+            statuses[status] = statuses.get(status, 0) + 1
 
     connector = aiohttp.TCPConnector(limit=clients)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
@@ -129,8 +142,11 @@ async def closed_loop(url: str, bodies: list[tuple[bytes, dict]], clients: int, 
         return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else float("nan")
 
     served = len(latencies) / elapsed
-    return {"clients": clients, "requests_per_s": served, "images_per_s": served, "errors": errors,
-            "p50_ms": pct(0.5), "p95_ms": pct(0.95), "p99_ms": pct(0.99), "requests": len(latencies)}
+    return {"clients": clients, "images_per_request": images_per_request, "requests_per_s": served,
+            "images_per_s": served * images_per_request, "errors": sum(statuses.values()) - len(latencies),
+            "statuses": dict(sorted(statuses.items())), "p50_ms": pct(0.5), "p95_ms": pct(0.95),
+            "p99_ms": pct(0.99), "requests": len(latencies), "images": len(latencies) * images_per_request,
+            "seconds": elapsed}
 
 
 def cpu_seconds(root_pid: int) -> dict[str, float]:
@@ -184,6 +200,98 @@ def service_levels(preset: str, reports: Path, seconds: float, env: dict[str, st
         server.stop()
 
 
+def multipart_bodies(per_request: int) -> list[tuple[bytes, dict]]:
+    """/classify bodies of `per_request` 640 px q90 JPEG photos each, one multipart `images` field per
+    image (what the service and a batchable BentoML API both read), starting at each photo in turn."""
+    from urllib3 import encode_multipart_formdata
+
+    pictures = photos((640,), ("JPEG",))
+    bodies = []
+    for start in range(len(pictures)):
+        chosen = [pictures[(start + i) % len(pictures)] for i in range(per_request)]
+        body, content_type = encode_multipart_formdata([("images", (p.name, p.data, p.content_type))
+                                                        for p in chosen])
+        bodies.append((body, {"Content-Type": content_type}))
+    return bodies
+
+
+def measure_load(server: ServerProcess, bodies, clients: int, per_request: int, seconds: float,
+                 batches_metric: str, images_metric: str | None) -> dict:
+    """One closed-loop load on /classify, with the server's CPU per served image over its process tree
+    and the mean images per batch it formed (from `images_metric` / `batches_metric`; without an
+    images metric, served images / batches)."""
+    before_metrics, before_cpu = metric_samples(server.url), cpu_seconds(server.process.pid)
+    row = asyncio.run(closed_loop(f"{server.url}/classify", bodies, clients, seconds, per_request))
+    after_cpu, after_metrics = cpu_seconds(server.process.pid), metric_samples(server.url)
+    served = max(1, row["images"])
+    row["cpu_ms_per_image"] = {k: 1000 * (after_cpu[k] - before_cpu[k]) / served for k in after_cpu}
+    row["cpu_ms_per_image"]["total"] = sum(row["cpu_ms_per_image"].values())
+    batches = metric_sum(after_metrics, batches_metric) - metric_sum(before_metrics, batches_metric)
+    images = (metric_sum(after_metrics, images_metric) - metric_sum(before_metrics, images_metric)
+              if images_metric else row["images"])
+    row["mean_batch_size"] = images / batches if batches else float("nan")
+    return row
+
+
+def peer_comparison(reports: Path, seconds: float, env: dict[str, str],
+                    loads: tuple[tuple[int, int], ...]) -> dict:
+    """This service (`torchvision` preset, random weights, `env`) against torchvision's AlexNet served
+    as BentoML's docs serve a model (loadtests.bentoml_peer), in the precision the service reports and
+    with the same batching budget, both up at once and loaded in turn at each (clients, images per
+    request) with the same closed-loop client and bodies: ours, then the peer, load by load, so the
+    machine's drift falls on both sides of each ratio."""
+    import httpx
+
+    checkpoint = untrained_checkpoint("torchvision", reports / "models" / "torchvision")
+    base = {**os.environ, "BENTOML_DO_NOT_TRACK": "True"}
+    ours = ServerProcess({**base, "CHECKPOINT_DIR": str(checkpoint), **env}, reports / "bench_peer_ours_server.log")
+    peer = None
+    try:
+        ours.wait_ready(timeout=300)
+        precision = httpx.get(f"{ours.url}/model", timeout=30).json()["precision"]["name"]
+        peer = PeerServer({**base, "PEER_DTYPE": precision, "PEER_MAX_LATENCY_MS": env.get("MAX_LATENCY_MS", "3000")},
+                          reports / "bench_peer_server.log")
+        peer.wait_ready(timeout=300)
+        bodies = {n: multipart_bodies(n) for n in sorted({n for _, n in loads} | {1})}
+        services = (("ours", ours, "cnn_batch_size_count", "cnn_batch_size_sum"),
+                    ("peer", peer, "bentoml_service_adaptive_batch_size_count", None))
+        for _, server, _, _ in services:  # warm the connection pools and each batch shape
+            for n, shape_bodies in bodies.items():
+                asyncio.run(closed_loop(f"{server.url}/classify", shape_bodies, 4, 2.0, n))
+        rows = []
+        for clients, per_request in loads:
+            entry: dict = {"clients": clients, "images_per_request": per_request}
+            for name, server, batches_metric, images_metric in services:
+                row = entry[name] = measure_load(server, bodies[per_request], clients, per_request, seconds,
+                                                 batches_metric, images_metric)
+                print(f"  {name}, {clients:3d} clients x {per_request} img: {row['images_per_s']:7.1f} img/s, "
+                      f"p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms, batch {row['mean_batch_size']:.1f},"
+                      f" statuses {format_statuses(row['statuses'])}, "
+                      f"server CPU {row['cpu_ms_per_image']['total']:.2f} core-ms/img", flush=True)
+            peer_rate = entry["peer"]["images_per_s"]
+            entry["ours_over_peer"] = entry["ours"]["images_per_s"] / peer_rate if peer_rate else float("inf")
+            rows.append(entry)
+        return {"precision": precision, "ours": "torchvision preset", "server_env": env,
+                "peer": "torchvision.models.alexnet, BentoML batchable API (loadtests/bentoml_peer)", "loads": rows}
+    finally:
+        if peer is not None:
+            peer.stop()
+        ours.stop()
+
+
+def format_statuses(statuses: dict[str, int]) -> str:
+    return " ".join(f"{count}x{status}" for status, count in statuses.items()) or "none"
+
+
+def parse_loads(values: list[str]) -> tuple[tuple[int, int], ...]:
+    """["32x8", ...] -> ((32, 8), ...): clients x images per request."""
+    loads = []
+    for value in values:
+        clients, _, per_request = value.lower().partition("x")
+        loads.append((int(clients), int(per_request or 1)))
+    return tuple(loads)
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -219,9 +327,16 @@ def main() -> None:
     parser.add_argument("--reports", type=Path, default=ROOT / "reports")
     parser.add_argument("--skip-forward", action="store_true", help="skip the forward-pass and decode figures")
     parser.add_argument("--skip-null", action="store_true", help="skip the null-model frontend runs")
+    parser.add_argument("--peer", action="store_true",
+                        help="only the BentoML peer comparison (skips forward passes, presets, null model)")
+    parser.add_argument("--skip-peer", action="store_true", help="skip the BentoML peer comparison")
+    parser.add_argument("--peer-loads", nargs="+", default=[f"{c}x{n}" for c, n in PEER_LOADS], metavar="CxN",
+                        help="the peer comparison's loads: clients x images per request")
     parser.add_argument("--env", action="append", default=[],
                         help=f"server environment override KEY=VALUE (defaults: {DEFAULT_SERVER_ENV})")
     args = parser.parse_args()
+    if args.peer and args.skip_peer:
+        parser.error("--peer and --skip-peer contradict each other")
     args.reports.mkdir(parents=True, exist_ok=True)
     overrides = {**DEFAULT_SERVER_ENV, **dict(item.split("=", 1) for item in args.env)}
     from model.inference import configure_cpu_threads
@@ -233,14 +348,14 @@ def main() -> None:
                     "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
         "server_env": overrides, "service": {}, "null_model": {},
     }
-    if not args.skip_forward:
+    if not (args.skip_forward or args.peer):
         print("forward passes", flush=True)
         results["forward"] = forward.measure(("torchvision", "alexnet", "small"))
         print(forward.report(results["forward"]), flush=True)
         results["decode_ms"] = decode_costs(tuple(args.presets))
         for preset, sizes in results["decode_ms"].items():
             print(f"  decode+resize+crop for {preset}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in sizes.items()))
-    for preset in args.presets:
+    for preset in [] if args.peer else args.presets:
         print(f"{preset}: service", flush=True)
         levels = service_levels(preset, args.reports, args.seconds, overrides, tuple(args.clients), preset)
         entry: dict = {"levels": levels}
@@ -256,7 +371,11 @@ def main() -> None:
             entry["one_client_p50_over_forward_plus_decode"] = levels[0]["p50_ms"] / (entry["batch1_forward_ms"]
                                                                                      + decode)
         results["service"][preset] = entry
-    if not args.skip_null:
+    if not args.skip_peer:
+        print("peer: torchvision's AlexNet served as BentoML's docs do, against the service (torchvision preset)",
+              flush=True)
+        results["peer"] = peer_comparison(args.reports, args.seconds, overrides, parse_loads(args.peer_loads))
+    if not (args.skip_null or args.peer):
         for name, label, env in (("null_single", "single, 1 API worker", {"LAYOUT": "single", "API_WORKERS": "1"}),
                                  ("null_split1", "split, 1 API worker", {"LAYOUT": "split", "API_WORKERS": "1"}),
                                  ("null_split2", "split, 2 API workers", {"LAYOUT": "split", "API_WORKERS": "2"})):
@@ -274,7 +393,8 @@ def main() -> None:
 
 
 def summary(results: dict) -> str:
-    lines = ["", "preset       clients   img/s  /ceiling  /L     p50 ms  p99 ms  batch  errors  core-ms/img"]
+    lines = ["", "preset       clients   img/s  /ceiling  /L     p50 ms  p99 ms  batch  errors  core-ms/img"] \
+        if results["service"] else []
     for preset, entry in results["service"].items():
         for row in entry["levels"]:
             lines.append(f"{preset:12s} {row['clients']:7d} {row['images_per_s']:7.1f} "
@@ -289,6 +409,19 @@ def summary(results: dict) -> str:
         lines.append(f"null model, {label}: {row['images_per_s']:.1f} req/s at 32 clients; server CPU "
                      f"{cpu['total']:.2f} core-ms/req (API {cpu['api']:.2f}, model {cpu['model']:.2f}); "
                      f"{row['requests_per_s_per_server_core']:.0f} req/s per server core")
+    if "peer" in results:
+        peer = results["peer"]
+        lines += ["", (f"BentoML peer (torchvision AlexNet, batchable API, PIL + torchvision transforms, "
+                       f"{peer['precision']}) against the service ({peer['ours']})"),
+                  "clients x img/req  service   img/s   p50 ms   p99 ms  batch  core-ms/img  statuses"]
+        for entry in peer["loads"]:
+            for name in ("ours", "peer"):
+                row = entry[name]
+                load = f"{entry['clients']} x {entry['images_per_request']}" if name == "ours" else ""
+                lines.append(f"{load:17s}  {name:7s} {row['images_per_s']:7.1f} {row['p50_ms']:8.1f} "
+                             f"{row['p99_ms']:8.1f} {row['mean_batch_size']:6.1f} "
+                             f"{row['cpu_ms_per_image']['total']:11.2f}  {format_statuses(row['statuses'])}")
+            lines.append(f"{'':17s}  ours / peer = {entry['ours_over_peer']:.2f}")
     return "\n".join(lines)
 
 

@@ -16,8 +16,14 @@ Both OIP paths ask for top_k_labels and top_k_scores (k = 5) as binary data, the
 over its whole process tree (psutil), the figure that does not depend on the load generator
 sharing the machine. A table on stdout and reports/oip_bench.json.
 
-`--peer triton` runs the same OIP requests against Triton Inference Server itself, serving the
-same network through its Python backend (loadtests.triton_peer), when it can start here.
+`--precisions fp32 auto` serves each real model once per PRECISION (the null model, which computes
+nothing, once); every row says which precision the server computed in (GET /model).
+
+`--peer triton` runs the same OIP UINT8 requests against Triton Inference Server itself
+(loadtests.triton_peer), for the null model and the torchvision preset (the same checkpoint, in
+fp32 through ONNX Runtime), when it can start here:
+
+    python -m loadtests.oip_bench --models null torchvision --paths oip_uint8 --precisions fp32 auto --peer triton
 """
 
 from __future__ import annotations
@@ -85,12 +91,13 @@ def measure(url: str, root_pid: int, bodies, clients: int, per_request: int, sec
     return row
 
 
-def run_model(model: str, args) -> list[dict]:
+def run_model(model: str, args, precision: str | None = None) -> list[dict]:
     preset, env = MODELS[model]
     checkpoint = untrained_checkpoint(preset, args.reports / "models" / preset)
     server_env = {**os.environ, "CHECKPOINT_DIR": str(checkpoint), "BENTOML_DO_NOT_TRACK": "True", **SERVER_ENV,
-                  **env}
-    server = ServerProcess(server_env, args.reports / f"oip_bench_{model}_server.log")
+                  "MAX_LATENCY_MS": str(args.max_latency_ms), **env, **({"PRECISION": precision} if precision else {})}
+    server = ServerProcess(server_env, args.reports / f"oip_bench_{model}{'_' + precision if precision else ''}"
+                                                      f"_server.log")
     rows = []
     try:
         server.wait_ready(timeout=300)
@@ -98,6 +105,9 @@ def run_model(model: str, args) -> list[dict]:
 
         name = "cnn-classifier"  # a checkpoint directory serves under the store's name (service.oip)
         prep = httpx.get(f"{server.url}/v2/models/{name}", timeout=30).json()["parameters"]
+        computed = httpx.get(f"{server.url}/model", timeout=30).json().get("precision", {})
+        # what the model computes in, and what asked for it ("bf16 (auto)", "fp32 (fp32)"); none for the null model
+        served = "-" if env.get("NULL_MODEL") else f"{computed.get('name')} ({computed.get('requested')})"
         for path in args.paths:
             url = f"{server.url}/classify" if path == "multipart" else f"{server.url}/v2/models/{name}/infer"
             for per_request in args.per_request:
@@ -105,9 +115,9 @@ def run_model(model: str, args) -> list[dict]:
                 asyncio.run(closed_loop(url, bodies, 2, 1.0))  # warm the path
                 for clients in args.clients:
                     row = measure(url, server.process.pid, bodies, clients, per_request, args.seconds)
-                    row.update(model=model, path=path, per_request=per_request)
+                    row.update(model=model, path=path, per_request=per_request, precision=served)
                     rows.append(row)
-                    print(f"  {model:11s} {path:9s} {per_request} img/req {clients:3d} clients: "
+                    print(f"  {model:11s} {served:11s} {path:9s} {per_request} img/req {clients:3d} clients: "
                           f"{row['images_per_s']:7.1f} img/s, p50 {row['p50_ms']:6.1f} ms, p99 {row['p99_ms']:6.1f} ms,"
                           f" server {row['cpu_ms_per_image']:.3f} core-ms/img, errors {row['errors']}", flush=True)
     finally:
@@ -116,9 +126,10 @@ def run_model(model: str, args) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["model        path       img/req clients    img/s   p50 ms   p99 ms  core-ms/img  errors"]
+    lines = [("model              precision          path       img/req clients    img/s   p50 ms   p99 ms  "
+              "core-ms/img  errors")]
     for r in rows:
-        lines.append(f"{r['model']:12s} {r['path']:10s} {r['per_request']:7d} {r['clients']:7d} "
+        lines.append(f"{r['model']:18s} {r.get('precision', '-'):18s} {r['path']:10s} {r['per_request']:7d} {r['clients']:7d} "
                      f"{r['images_per_s']:8.1f} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} {r['cpu_ms_per_image']:12.3f} "
                      f"{r['errors']:7d}")
     return "\n".join(lines)
@@ -131,15 +142,21 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--per-request", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--seconds", type=float, default=4.0, help="per cell")
-    parser.add_argument("--peer", choices=["triton"], help="also run the OIP paths against Triton itself")
+    parser.add_argument("--precisions", nargs="+", choices=["auto", "fp32", "bf16"],
+                        help="serve each real model once per PRECISION (default: the environment's, else auto)")
+    parser.add_argument("--max-latency-ms", type=int, default=int(SERVER_ENV["MAX_LATENCY_MS"]),
+                        help="the service's latency budget: high enough that it admits every request (a slow "
+                             "model at 32 clients x 8 images queues for seconds; Triton queues without limit)")
+    parser.add_argument("--peer", choices=["triton"], help="also run OIP UINT8 against Triton itself")
     parser.add_argument("--reports", type=Path, default=ROOT / "reports")
     args = parser.parse_args()
     args.reports.mkdir(parents=True, exist_ok=True)
     results = {"machine": {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine()},
-               "server_env": SERVER_ENV, "rows": []}
+               "server_env": {**SERVER_ENV, "MAX_LATENCY_MS": str(args.max_latency_ms)}, "rows": []}
     for model in args.models:
-        print(f"{model}: this service", flush=True)
-        results["rows"] += run_model(model, args)
+        for precision in (args.precisions or [None])[:1 if MODELS[model][1].get("NULL_MODEL") else None]:
+            print(f"{model}: this service{f', PRECISION={precision}' if precision else ''}", flush=True)
+            results["rows"] += run_model(model, args, precision)
     if args.peer == "triton":
         from loadtests import triton_peer
 

@@ -65,3 +65,96 @@ def test_speed_gates_are_kept_for_make_loadtest():
     behaviour = load_scenario(ROOT / "loadtests" / "slo.toml", "overload", [], "behaviour")
     assert full["ok_p99_ms_over_budget"] == 1.5 and full["max_shed_p95_ms"] == 100
     assert "ok_p99_ms_over_budget" not in behaviour and behaviour["max_ok_ms"] == 10000
+
+
+def test_bentoml_peer_serves_a_multipart_batch(cli_env, tmp_path):
+    """`make bench`'s BentoML peer (loadtests/bentoml_peer) starts with `bentoml serve` and answers a
+    multipart request of two images, as the benchmark sends them, with the top 5 of each."""
+    import httpx
+
+    from loadtests.bentoml_peer import PeerServer
+    from testkit.images import shape_png
+
+    server = PeerServer(cli_env, tmp_path / "peer.log")
+    try:
+        server.wait_ready(timeout=120)
+        files = [("images", (f"shape_{i}.png", shape_png(i), "image/png")) for i in range(2)]
+        response = httpx.post(f"{server.url}/classify", files=files, timeout=60)
+    finally:
+        server.stop()
+    assert response.status_code == 200, response.text[:2000]
+    answers = response.json()
+    assert len(answers) == 2
+    for top in answers:
+        assert len(top) == 5 and all(0 <= c["index"] < 1000 and isinstance(c["label"], str) for c in top)
+        probabilities = [c["probability"] for c in top]
+        assert probabilities == sorted(probabilities, reverse=True) and 0 < sum(probabilities) <= 1.0001
+
+
+def _peer_pixels_and_expected(checkpoint):
+    """Pixels as the OIP UINT8 input carries them, and the service's own fp32 answer for them."""
+    import numpy as np
+    import torch
+
+    from model.checkpoint import load_checkpoint
+    from model.inference import Predictor
+
+    size = load_checkpoint(checkpoint).manifest.preprocessing.input_size
+    pixels = np.random.default_rng(0).integers(0, 256, (4, size, size, 3), dtype=np.uint8)
+    served = Predictor(load_checkpoint(checkpoint), torch.device("cpu"), "fp32")
+    return pixels, served.predict(torch.from_numpy(pixels).permute(0, 3, 1, 2)).probabilities
+
+
+def test_triton_peer_network_computes_what_the_service_serves(tmp_path):
+    """The Triton peer's network (loadtests.triton_peer.PeerNetwork, what `make bench-peers` exports to
+    ONNX): the OIP `pixels` in, the service's normalization, the network in fp32, the top 5 out -- the
+    service's own fp32 probabilities for those classes (its copy folds the normalization into conv1)."""
+    import torch
+
+    from loadtests.triton_peer import PeerNetwork
+    from model.checkpoint import load_checkpoint
+    from testkit.models import untrained_checkpoint
+
+    checkpoint = untrained_checkpoint("small", tmp_path / "small")
+    pixels, probabilities = _peer_pixels_and_expected(checkpoint)
+    loaded = load_checkpoint(checkpoint)
+    with torch.inference_mode():
+        scores, indices = PeerNetwork(loaded.model, loaded.manifest.preprocessing).eval()(torch.from_numpy(pixels))
+    torch.testing.assert_close(scores, probabilities.topk(5, dim=1).values, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(probabilities.gather(1, indices), scores, rtol=1e-4, atol=1e-6)
+
+
+def test_triton_peer_onnx_export_runs_in_onnxruntime(tmp_path):
+    """Where `make bench-peers` built the peer's environments: the exported graph, run by onnxruntime
+    in the Triton peer's Python as its inference callable runs it, gives the same top 5."""
+    import subprocess
+
+    import numpy as np
+    import torch
+
+    from loadtests import triton_peer
+    from testkit.models import untrained_checkpoint
+
+    if not (triton_peer.ONNX_PACKAGES / "onnx").is_dir():
+        pytest.skip(f"no `onnx` for the export in {triton_peer.ONNX_PACKAGES} (`make bench-peers` installs it)")
+    if not triton_peer.PYTHON.exists() or subprocess.run([str(triton_peer.PYTHON), "-c", "import onnxruntime"],
+                                                         capture_output=True, check=False).returncode:
+        pytest.skip("no Triton peer environment with onnxruntime (`make bench-peers` builds it)")
+    checkpoint = untrained_checkpoint("small", tmp_path / "small")
+    exported = triton_peer.ensure_onnx(checkpoint, tmp_path / "reports")
+    assert not isinstance(exported, str), exported
+    path, meta = exported
+    assert meta["input_size"] == 64 and len(meta["classes"]) == 10 and meta["dtype"] == "float32"
+    pixels, probabilities = _peer_pixels_and_expected(checkpoint)
+    np.save(tmp_path / "pixels.npy", pixels)
+    script = ("import sys, numpy as np, onnxruntime as ort\n"
+              "s = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])\n"
+              "scores, indices = s.run(['top_k_scores', 'top_k_indices'], {'pixels': np.load(sys.argv[2])})\n"
+              "np.save(sys.argv[3], scores); np.save(sys.argv[4], indices)\n")
+    outs = [tmp_path / "scores.npy", tmp_path / "indices.npy"]
+    done = subprocess.run([str(triton_peer.PYTHON), "-c", script, str(path), str(tmp_path / "pixels.npy"),
+                           *map(str, outs)], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    scores, indices = (torch.from_numpy(np.load(out)) for out in outs)
+    torch.testing.assert_close(scores, probabilities.topk(5, dim=1).values, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(probabilities.gather(1, indices), scores, rtol=1e-4, atol=1e-6)
