@@ -10,7 +10,7 @@ HOST ?= 127.0.0.1
 PORT ?= 3000
 MODEL_OUT ?= runs/default
 
-.PHONY: install default-model serve test test-precisions test-fast test-busy fuzz system-deps loadtest loadtest-overload loadtest-update bench replicas oip-clients bench-oip bench-peers gpu-check clean
+.PHONY: install default-model serve test test-precisions test-fast test-busy fuzz system-deps loadtest loadtest-overload loadtest-goodput loadtest-update bench replicas oip-clients bench-oip bench-peers gpu-check clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON_BIN) -m venv $(VENV)
@@ -58,7 +58,7 @@ test-fast: $(INSTALLED)
 # The server and load tests beside one CPU hog per core: tests of behaviour must pass on a busy machine.
 test-busy: $(INSTALLED) system-deps
 	$(PY) -m loadtests.hogs -- $(PY) -m pytest tests/test_service.py tests/test_reliability.py \
-	  tests/test_loadtests.py tests/test_ops.py tests/test_ui.py
+	  tests/test_loadtests.py tests/test_ops.py tests/test_ui.py tests/test_goodput.py
 
 # The schemathesis run of `make test` with many more examples per operation (FUZZ_EXAMPLES).
 fuzz: $(INSTALLED)
@@ -71,6 +71,14 @@ loadtest: default-model
 # Both scenarios check their speed gates too (loadtests/slo.toml); make test checks behaviour only.
 loadtest-overload: $(INSTALLED)
 	$(PY) -m loadtests run --scenario overload --gates all
+
+# Impolite clients (retrying at once, ignoring Retry-After): 32 x 8-image requests (five fresh servers),
+# 128 single-image clients, /classify batches mixed with /explain occlusion, and a CPU hog in the middle;
+# goodput >= 90% of the best polite load's, accepted p99 <= 1.5 x MAX_LATENCY_MS, only 200s and 503s
+# (loadtests/goodput.py; about 10 minutes on 2 cores). reports/goodput.json.
+loadtest-goodput: $(INSTALLED)
+	$(PY) -m loadtests.goodput --scenarios storm --runs $${RUNS:-5}
+	$(PY) -m loadtests.goodput --scenarios singles mix hog
 
 # Model updates under Locust load (16 users): v1 -> v2 -> v1, a tampered v3 refused, ten moves in a row;
 # 0 failed requests, only v1/v2 answer, memory within 10%, p99 during moves <= 2x steady (loadtests/update.py).

@@ -385,11 +385,37 @@ def main() -> None:
             row = rows[0]
             row["requests_per_s_per_server_core"] = 1000 / row["cpu_ms_per_image"]["total"]
             results["null_model"][label] = row
+    if "forward" in results and not args.skip_null and not args.peer:
+        results["efficiency"] = efficiency(results, args.reports, args.seconds, overrides)
     (args.reports / "bench.json").write_text(json.dumps(results, indent=2))
     if results["service"] and all("raw_ceiling" in v for v in results["service"].values()):
         plot(results, args.reports / "bench.png")
     print(summary(results))
     print(f"\nwrote {args.reports / 'bench.json'}")
+
+
+def efficiency(results: dict, reports: Path, seconds: float, env: dict[str, str]) -> dict:
+    """Issue 19's budget: the server's CPU per image at 32 single-image clients against the model's own
+    CPU per image at its best batch plus the null model's (the frontend alone, same layout), per preset.
+    Target: at most 1.15x."""
+    out = {}
+    null_rows = service_levels("small", reports, seconds, {**env, "NULL_MODEL": "1"}, (32,), "null_default")
+    null_cpu = null_rows[0]["cpu_ms_per_image"]["total"]
+    for preset, entry in results["service"].items():
+        served = [row for row in entry["levels"] if row["clients"] == 32]
+        ours = {k: v for k, v in results["forward"]["predictors"].items() if k.startswith(preset + "/")}
+        if not served or not ours:
+            continue
+        name, best = max(ours.items(), key=lambda item: item[1]["best"])
+        model_cpu = forward.cpu_per_image(preset, name.split("/")[1], best["best_batch"])
+        server_cpu = served[0]["cpu_ms_per_image"]["total"]
+        out[preset] = {"server_cpu_ms_per_image": server_cpu, "model_cpu_ms_per_image": model_cpu,
+                       "model_precision": name.split("/")[1], "model_batch": best["best_batch"],
+                       "null_cpu_ms_per_image": null_cpu, "ratio": server_cpu / (model_cpu + null_cpu)}
+        print(f"  {preset}: server {server_cpu:.2f} core-ms/img at 32 clients; model alone {model_cpu:.2f} "
+              f"(batch {best['best_batch']}, {name.split('/')[1]}) + null model {null_cpu:.2f} -> "
+              f"{out[preset]['ratio']:.2f}x (target <= 1.15)", flush=True)
+    return out
 
 
 def summary(results: dict) -> str:
@@ -422,6 +448,10 @@ def summary(results: dict) -> str:
                              f"{row['p99_ms']:8.1f} {row['mean_batch_size']:6.1f} "
                              f"{row['cpu_ms_per_image']['total']:11.2f}  {format_statuses(row['statuses'])}")
             lines.append(f"{'':17s}  ours / peer = {entry['ours_over_peer']:.2f}")
+    for preset, row in results.get("efficiency", {}).items():
+        lines.append(f"efficiency, {preset}: server {row['server_cpu_ms_per_image']:.2f} core-ms/img at 32 clients "
+                     f"/ (model alone {row['model_cpu_ms_per_image']:.2f} at batch {row['model_batch']} + null model "
+                     f"{row['null_cpu_ms_per_image']:.2f}) = {row['ratio']:.2f} (target <= 1.15)")
     return "\n".join(lines)
 
 

@@ -191,3 +191,17 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def cpu_per_image(preset: str, precision: str, batch: int, seconds: float = 2.0) -> float:
+    """Core-ms of this process's CPU per image for the Predictor at `batch` (every thread counted: a
+    forward that spins or oversubscribes shows here, where images/s would not)."""
+    from model.inference import pick_device
+
+    run = predictor_run(preset, precision, pick_device())(batch)
+    run()
+    images, cpu_start, stop = 0, time.process_time(), time.perf_counter() + seconds
+    while time.perf_counter() < stop:
+        run()
+        images += batch
+    return 1000 * (time.process_time() - cpu_start) / images
