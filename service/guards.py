@@ -27,7 +27,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from service import endpoints
 from service.admission import TICKET
 from service.errors import Refusal
-from service.rewrites import amend_docs, uniform_errors
+from service.rewrites import UNIFORM_ALREADY, amend_docs, uniform_errors
 
 # Multipart fields that must carry uploaded files. BentoML would treat a plain
 # text value in such a field as a URL and download it (server-side request
@@ -51,6 +51,7 @@ class _Guard:
 
     @staticmethod
     async def refuse(refusal: Refusal, scope, receive, send) -> None:
+        scope[UNIFORM_ALREADY] = True  # rendered by service.errors: UniformErrors need not rewrite it
         oip = endpoints.speaks_oip(scope.get("path", ""))
         await (refusal.oip_response() if oip else refusal.response())(scope, receive, send)
 
@@ -59,7 +60,7 @@ class UniformErrors(_Guard):
     async def guard(self, scope, receive, send):
         if endpoints.speaks_oip(scope.get("path", "")):  # its own error bodies (service.oip)
             return await self.app(scope, receive, send)
-        await self.app(scope, receive, uniform_errors(send))
+        await self.app(scope, receive, uniform_errors(send, scope))
 
 
 class AmendDocs(_Guard):

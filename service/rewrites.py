@@ -47,12 +47,18 @@ def _is_json(headers) -> bool:
     return any(k.lower() == b"content-type" and v.startswith(b"application/json") for k, v in headers)
 
 
-def uniform_errors(send):
+UNIFORM_ALREADY = "cnn.error_body_uniform"  # set in the ASGI scope by a guard whose refusal is ours already
+
+
+def uniform_errors(send, scope: dict | None = None):
     """Every error body as the documented {"error": str, "detail": str}.
 
     BentoML's own refusals come as a one-element list, or with a list of
     pydantic errors as `detail`, which contradicts the 400 schema BentoML
-    itself puts in the OpenAPI spec (found by schemathesis)."""
+    itself puts in the OpenAPI spec (found by schemathesis). The guards'
+    refusals are rendered right already (service.errors) and pass untouched:
+    under a retry storm, refusals are most of the requests, and buffering and
+    re-parsing each body cost about as much as the rest of a refusal."""
 
     def transform(status, headers, body):
         if status < 400 or not _is_json(headers):
@@ -81,7 +87,7 @@ def uniform_errors(send):
     async def wrapped(message):
         nonlocal is_error
         if message["type"] == "http.response.start":
-            is_error = message["status"] >= 400
+            is_error = message["status"] >= 400 and not (scope or {}).get(UNIFORM_ALREADY)
         # Only error bodies are buffered and rewritten; successes stream through untouched.
         await (buffered if is_error else send)(message)
 
