@@ -14,6 +14,7 @@ model's structure, before any work: model/ raises the typed errors
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import zlib
@@ -119,6 +120,18 @@ def load_version(config: ServiceConfig, tag: str, device: torch.device, served: 
 _pinned: contextvars.ContextVar[ModelVersion | None] = contextvars.ContextVar("pinned_model_version", default=None)
 
 
+@contextlib.contextmanager
+def _unpinned():
+    """No pinned version while a request starts work that may outlive it: a task started now (the
+    batcher's, by the worker's first request; a client's connection pool) copies this context and
+    lives as long as the worker, so a version pinned in it would never be freed after a move."""
+    token = _pinned.set(None)
+    try:
+        yield
+    finally:
+        _pinned.reset(token)
+
+
 class _Versions:
     """The versions a backend serves: `current`, swapped in one step, and a request's pinned one."""
 
@@ -160,6 +173,23 @@ class Predictions:
     version: ModelVersion
 
 
+class _Batch:
+    """A forward pass's output, and the version that computed it."""
+
+    __slots__ = ("output", "version")
+
+    def __init__(self, output, version: ModelVersion | None):
+        self.output, self.version = output, version
+
+
+def _handed_over(answered: Predictions) -> Predictions:
+    """The request's own copy of its batch's answer: the batcher keeps its last batch's futures (and
+    their results) until the next batch, and must not keep a version alive after a move meanwhile."""
+    mine = dataclasses.replace(answered)
+    answered.version = None
+    return mine
+
+
 class LocalBackend(_Versions):
     def __init__(self, version: ModelVersion, config: ServiceConfig, observe_batch):
         self.current = version
@@ -167,22 +197,27 @@ class LocalBackend(_Versions):
         self.batcher = Batcher(self._forward, self._split, config.max_batch_size, config.max_latency_ms / 1000,
                                parallel=config.forward_threads, observe=self._observed)
 
-    async def _forward(self, batch: np.ndarray):
+    async def _forward(self, batch: np.ndarray) -> _Batch:
         version = self.current  # a batch runs on one version, whatever is swapped in meanwhile
         pixels = torch.from_numpy(batch).permute(0, 3, 1, 2)  # NHWC -> NCHW, channels-last in memory
-        return await anyio.to_thread.run_sync(version.predictor.predict, pixels), version
+        return _Batch(await anyio.to_thread.run_sync(version.predictor.predict, pixels), version)
 
     @staticmethod
-    def _split(result, start: int, stop: int) -> Predictions:
-        output, version = result
-        return Predictions(output.probabilities[start:stop].numpy(), output.embeddings[start:stop].numpy(), version)
+    def _split(result: _Batch, start: int, stop: int) -> Predictions:
+        output = result.output
+        predictions = Predictions(output.probabilities[start:stop].numpy(), output.embeddings[start:stop].numpy(),
+                                  result.version)
+        if stop == len(output.probabilities):  # the batch's last share handed out: the batcher, which keeps
+            result.version = None              # its last batch until the next one, no longer holds the version
+        return predictions
 
-    def _observed(self, images: int, result) -> None:
-        self._observe(images, result[0].forward_seconds)
+    def _observed(self, images: int, result: _Batch) -> None:
+        self._observe(images, result.output.forward_seconds)
 
     async def predict(self, images: np.ndarray) -> Predictions:
         """Probabilities (k, C) and embeddings (k, D) for uint8 images (k, S, S, 3), batched with others."""
-        return await self.batcher.submit(images)
+        with _unpinned():  # the batch carries its own version
+            return _handed_over(await self.batcher.submit(images))
 
     async def activations(self, image: np.ndarray, layers: list[str], stage: str) -> tuple[dict, ModelVersion]:
         version = self.version()
@@ -222,8 +257,14 @@ class RemoteBackend(_Versions):
         self.batcher = Batcher(lambda batch: self.remote.predict(batch), self._split, config.max_batch_size,
                                config.max_latency_ms / 1000, parallel=self.PARALLEL_BATCHES, observe=self._observed)
 
+    KNOWN_VERSIONS = 4  # the versions an answer may still come from: the current one and the last few
+
     def install(self, version: ModelVersion) -> None:
-        self.known[version_key(version.tag)] = version
+        key = version_key(version.tag)
+        self.known.pop(key, None)  # to the end: the oldest is first
+        self.known[key] = version
+        while len(self.known) > self.KNOWN_VERSIONS:  # a version many moves ago is no longer kept alive here
+            self.known.pop(next(iter(self.known)))
         super().install(version)
 
     def _answered_by(self, key: float) -> ModelVersion:
@@ -240,26 +281,31 @@ class RemoteBackend(_Versions):
         self._observe(images, float(out[:, -2].sum()))
 
     async def predict(self, images: np.ndarray) -> Predictions:
-        return await self.batcher.submit(images)
+        with _unpinned():  # the model service's answer says which version computed it
+            return _handed_over(await self.batcher.submit(images))
 
     async def activations(self, image: np.ndarray, layers: list[str], stage: str) -> tuple[dict, ModelVersion]:
         """`layers` come checked by the endpoint (typed errors cannot cross processes)."""
-        *maps, key = await self.remote.activations(image, layers, stage)
+        with _unpinned():
+            *maps, key = await self.remote.activations(image, layers, stage)
         return dict(zip(layers, maps)), self._answered_by(float(key[0]))
 
     async def explain(self, image: np.ndarray, request: AttributionRequest) -> ExplainResult:
         """`request` comes resolved (checked against the model's structure) by the endpoint."""
-        found = await self.remote.explain(image, dataclasses.asdict(request))
+        with _unpinned():
+            found = await self.remote.explain(image, dataclasses.asdict(request))
         layer_map = found.layer_map if found.layer_map.size else None
         return ExplainResult(found.class_index, found.probability, found.input_map, found.signed, layer_map,
                              self._answered_by(found.version_key))
 
     async def kernels(self, layer: str) -> np.ndarray:
         self.version().network.check_conv_layer(layer)
-        return await self.remote.kernels(layer)
+        with _unpinned():
+            return await self.remote.kernels(layer)
 
     async def describe(self) -> dict:
-        return await self.remote.describe()
+        with _unpinned():
+            return await self.remote.describe()
 
 
 def _chw(image: np.ndarray) -> torch.Tensor:

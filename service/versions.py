@@ -9,16 +9,20 @@ named after the `bentoml serve` process every worker is a child of):
   worker-<pid>.json   what each worker serves, the last order it acted on, and how
 
 1. The admin call (POST /admin/model, `python -m training serve-version`)
-   lands on one worker, which first checks the new version itself (in the
-   store, every hash of its manifest verified, compatible with the served
-   one): a version that would be refused is refused before anyone moves.
+   lands on one worker, which takes the moves' lock (`move.lock`, flock: one
+   move at a time across every worker; a second call meanwhile is answered
+   409 `move_in_progress`), then checks the new version without building it
+   (in the store, every hash of its manifest verified, compatible with the
+   served one): a version that would be refused is refused before anyone
+   moves, and the worker's memory holds one model, not two, while it checks.
 2. It publishes the order. Every worker that holds the model (the API
    workers of the single layout; the model workers of the split layout,
    whose API workers follow with the model's shape) loads the new version
    beside the old one, verifies it, checks it, warms it up, then swaps in one
    step (one attribute assignment). A batch is run by whichever version was
    current when it started, and carries that version to the answer; the old
-   version is freed when the last request using it finishes.
+   version is freed when the last request using it finishes, and then the
+   worker's heap is frozen again (`settle_heap`), as start-up froze it.
 3. The caller waits until every live worker has reported on the order. If
    any refused, the previous version is ordered back, so the fleet never
    stays split, and the call says which worker refused and why.
@@ -29,21 +33,27 @@ start, so a restarted worker does not bring the old model back.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import gc
+import hashlib
 import json
 import os
 import shutil
 import tempfile
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from model import store
 from model.atomic import atomic_write_bytes
-from model.checkpoint import CheckpointError, Manifest, load_checkpoint
+from model.checkpoint import WEIGHTS_FILE, CheckpointError, Manifest, read_attached, read_manifest
 
 POLL_SECONDS = 0.2  # how often a worker looks for a new order: the swap's latency, for a stat() call
+RELEASE_WAIT_S = 30.0  # how long a worker waits for the requests still on the old version before refreezing
 
 
 class IncompatibleModel(ValueError):
@@ -109,6 +119,29 @@ class ControlDir:
                            json.dumps({"generation": generation, "tag": tag, "previous": previous}).encode())
         return generation
 
+    @contextlib.contextmanager
+    def exclusive_move(self, tag: str) -> Iterator[None]:
+        """One move at a time, across every worker of this server: an flock on `move.lock` (per open
+        file, so two threads of one worker exclude each other too; the kernel releases it if the
+        holder dies). A second move meanwhile is refused at once (MoveRefused 409 move_in_progress)
+        rather than queued: its caller learns what is moving, and decides."""
+        with open(self.path / "move.lock", "a+") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.seek(0)
+                holder = lock.read().strip() or "another version"
+                raise MoveRefused(409, "move_in_progress",
+                                  f"a move to {holder} is in progress; ask again when it has answered "
+                                  "(`python -m training serve-version` waits its turn by itself)") from None
+            try:
+                lock.truncate(0)
+                lock.write(tag)
+                lock.flush()
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
     def report(self, status: WorkerStatus) -> None:
         atomic_write_bytes(self.path / f"worker-{status.pid}.json", json.dumps(status.to_dict()).encode())
 
@@ -141,16 +174,20 @@ class VersionFollower:
     """A worker's side: watch the order, and move when it changes.
 
     `load(tag)` builds the new version beside the old one (verifying, checking, warming; raising
-    on any problem); `install(version)` swaps it in, in one step."""
+    on any problem); `install(version)` swaps it in, in one step; `served()` (optional) is the
+    version served now, so that the heap can be frozen again once the old one is released."""
 
     def __init__(self, control: ControlDir, role: str, tag: str, load: Callable[[str], Any],
-                 install: Callable[[Any], None]):
+                 install: Callable[[Any], None], served: Callable[[], Any] | None = None):
         self.control, self.role, self.tag = control, role, tag
-        self.load, self.install = load, install
+        self.load, self.install, self.served = load, install, served
         self.generation = 0
         self.pid = os.getpid()  # whose report this is
         self._lock = threading.Lock()
+        self._released: list[Callable[[], Any]] = []  # weak refs to the versions moved away from, until freed
+        self._settle_by = 0.0  # when to refreeze even if one of them is still alive
         self.on_result: Callable[[str, float], None] = lambda result, seconds: None
+        self.on_settled: Callable[[str, float], None] = _log_settled
 
     def start(self) -> None:
         """Act on an order already there (a worker restarted after a move), then follow in a thread."""
@@ -172,8 +209,22 @@ class VersionFollower:
             time.sleep(POLL_SECONDS)
             try:
                 self.step()
+                self.settle()
             except Exception:  # never let the follower die: the next order must still be heard
                 pass
+
+    def settle(self) -> str | None:
+        """After a move, once the old version is freed (its last request done) or RELEASE_WAIT_S has
+        passed: freeze the heap again (settle_heap). Returns how, or None while still waiting."""
+        if not self._released:
+            return None
+        if any(ref() is not None for ref in self._released) and time.monotonic() < self._settle_by:
+            return None
+        started = time.perf_counter()
+        how = settle_heap(released=all(ref() is None for ref in self._released))
+        self._released = []
+        self.on_settled(how, time.perf_counter() - started)
+        return how
 
     def step(self) -> None:
         with self._lock:
@@ -184,22 +235,84 @@ class VersionFollower:
             state, error = "serving", ""
             if order["tag"] != self.tag:
                 try:
-                    self.install(self.load(order["tag"]))
+                    version = self.load(order["tag"])
+                    old = self.served() if self.served else None
+                    self.install(version)
+                    del version
                     self.tag = order["tag"]
+                    self._watch_release(old)
                 except Exception as err:  # the old version keeps serving
                     state, error = "refused", f"{type(err).__name__}: {err}"
                 self.on_result("ok" if state == "serving" else "refused", time.perf_counter() - started)
             self.generation = order["generation"]
             self.control.report(self._status(state, error, time.perf_counter() - started))
 
+    def _watch_release(self, old: Any) -> None:
+        """Remember the version moved away from, weakly, by what is heavy in it: its predictor. A
+        version without one (the split layout's API workers, which keep recent versions known on
+        purpose, service.backend.RemoteBackend) is not waited for."""
+        heavy = getattr(old, "predictor", None)
+        self._released.append(weakref.ref(heavy) if heavy is not None else lambda: None)
+        self._settle_by = time.monotonic() + RELEASE_WAIT_S
+
     def _status(self, state: str, error: str = "", seconds: float = 0.0) -> WorkerStatus:
         return WorkerStatus(self.pid, self.role, self.tag, self.generation, state, error, round(seconds, 3))
 
 
+def _log_settled(how: str, seconds: float) -> None:
+    print(f"model version follower (pid {os.getpid()}): heap settled after the move ({how}, {seconds:.3f} s)",
+          flush=True)
+
+
+def settle_heap(released: bool) -> str:
+    """Exempt the new version's long-lived objects from the cyclic garbage collector, as start-up does
+    for its own (service.service.freeze_startup_heap), in a process that froze its heap; then hand
+    the old version's freed memory back to the system.
+
+    A version's objects are freed by reference counting when its last request finishes, frozen or
+    not (it holds no reference cycle: measured, every tensor of a Predictor goes with its last
+    reference), so when the old version is gone (`released`) a collection of the unfrozen objects
+    (the new version's, and what requests left since the last freeze) then gc.freeze() suffices: a
+    few ms. If it is still alive after RELEASE_WAIT_S -- held by a cycle, which frozen would never
+    be collected, or by a request that outlived the wait -- gc.unfreeze() first, so that the full
+    collection can free it: the whole heap walked once, ~0.3-0.4 s holding the GIL (measured).
+
+    Freed is not returned: glibc keeps the old weights' smaller tensors in its per-thread arenas
+    (the follower thread's, which loaded them), and a worker's RSS crept up by about one AlexNet
+    per few moves until malloc_trim(0) gave it back (measured: BENCHMARKS.md)."""
+    if gc.get_freeze_count() == 0:
+        how = "heap not frozen in this process"
+    elif released:
+        gc.collect()
+        gc.freeze()
+        how = "old version freed; young objects collected and frozen"
+    else:
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
+        how = "old version still alive: heap unfrozen, fully collected, frozen again"
+    return how + ("; free memory returned" if _malloc_trim() else "")
+
+
+def _malloc_trim() -> bool:
+    """glibc's malloc_trim(0): free memory of every arena back to the system (ctypes releases the GIL
+    for the call). False where there is no glibc."""
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 def follow_versions(holder, role: str, tag: str) -> VersionFollower:
     """Follow this server's orders from now on: `holder.load(tag)` builds a version beside the served one,
-    `holder.install(version)` swaps it in, `holder.metrics.observe_swap(result, seconds)` counts moves."""
-    follower = VersionFollower(ControlDir.for_this_server(), role, tag, holder.load, holder.install)
+    `holder.install(version)` swaps it in, `holder.metrics.observe_swap(result, seconds)` counts moves;
+    the served version is `holder.backend.current` (the API service) or `holder.current` (the model service)."""
+    def served():
+        return getattr(holder, "backend", holder).current
+
+    follower = VersionFollower(ControlDir.for_this_server(), role, tag, holder.load, holder.install, served)
     follower.on_result = holder.metrics.observe_swap
     follower.start()
     return follower
@@ -244,9 +357,52 @@ def _wait_for(control: ControlDir, generation: int, expected: int, timeout_s: fl
         time.sleep(POLL_SECONDS / 2)
 
 
+def request_move(control: ControlDir, tag: str, served: Callable[[], Any], expected_workers: int,
+                 timeout_s: float, on_refused: Callable[[], None] = lambda: None) -> MoveResult:
+    """The admin call's whole move, one at a time (ControlDir.exclusive_move): check `tag` against the
+    version `served()` serves (at the lowest CPU priority: the requests being served keep the cores),
+    then move every worker. Raises MoveRefused: 409 move_in_progress, or the check's refusal (then
+    `on_refused()` is called, to count it)."""
+    with control.exclusive_move(tag):
+        version = served()  # read under the lock: the previous move, if any, is complete
+        try:
+            full_tag = _at_lowest_priority(check_candidate, tag, version.manifest)
+        except MoveRefused:
+            on_refused()
+            raise
+        return move_all(control, full_tag, version.tag, expected_workers, timeout_s)
+
+
+def _at_lowest_priority(function: Callable, *args):
+    """function(*args) in a thread of its own at nice 19 (a thread cannot lower its niceness again,
+    so not in a pooled thread), waited for; its result, or its exception raised here."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except (AttributeError, OSError):
+            pass
+        try:
+            outcome["result"] = function(*args)
+        except BaseException as err:  # noqa: BLE001 -- handed to the caller
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run, name="model-version-check", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
 def check_candidate(tag: str, served: Manifest) -> str:
     """The full tag of a version the service could move to; raises Refusal-shaped errors
-    (MoveRefused) for one it could not: missing, tampered or incomplete, incompatible."""
+    (MoveRefused) for one it could not: missing (404 unknown_version), tampered or incomplete (422
+    checkpoint_invalid), incompatible (422 incompatible_model). Verification only: the manifest
+    read, every file's sha256 checked, compatibility checked, no model built (each worker builds
+    it once, when it moves, and a worker whose build fails refuses the move: every worker then goes
+    back, move_all)."""
     from bentoml.exceptions import NotFound
 
     try:
@@ -254,12 +410,40 @@ def check_candidate(tag: str, served: Manifest) -> str:
     except (NotFound, ValueError) as err:
         raise MoveRefused(404, "unknown_version", f"{tag!r} is not in the model store: {err}") from None
     try:
-        check_compatible(served, load_checkpoint(path).manifest)  # every hash verified on the way
+        check_compatible(served, verify_checkpoint(path))
     except CheckpointError as err:
         raise MoveRefused(422, "checkpoint_invalid", str(err)) from None
     except IncompatibleModel as err:
         raise MoveRefused(422, "incompatible_model", f"{full_tag}: {err}") from None
     return full_tag
+
+
+HASH_CHUNK = 1 << 20
+
+
+def verify_checkpoint(directory: Path) -> Manifest:
+    """A checkpoint's manifest, once every file it lists is present and matches its sha256 (the
+    weights streamed through the hash, 1 MiB at a time: nothing loaded, nothing built). The same
+    refusals, in the same words, as model.checkpoint.load_checkpoint's integrity checks."""
+    manifest = read_manifest(directory)
+    weights_path = Path(directory) / WEIGHTS_FILE
+    digest = hashlib.sha256()
+    try:
+        with open(weights_path, "rb") as weights:
+            while chunk := weights.read(HASH_CHUNK):
+                digest.update(chunk)
+    except FileNotFoundError:
+        raise CheckpointError(f"{weights_path}: missing") from None
+    except OSError as err:
+        raise CheckpointError(f"{weights_path}: {err.strerror or err}") from None
+    if digest.hexdigest() != manifest.weights_sha256:
+        raise CheckpointError(
+            f"{weights_path}: sha256 {digest.hexdigest()[:16]}... does not match the manifest's "
+            f"{manifest.weights_sha256[:16]}... (truncated, tampered or from another checkpoint)"
+        )
+    for name in manifest.files:
+        read_attached(directory, manifest, name)  # every attached file present and intact
+    return manifest
 
 
 class MoveRefused(Exception):

@@ -11,12 +11,16 @@ import threading
 import time
 from pathlib import Path
 
+import gc
+import hashlib
+
 import httpx
 import pytest
 import torch
+from safetensors.torch import save as safetensors_save
 
-from model.checkpoint import load_checkpoint, save_checkpoint
-from service.versions import ControlDir, VersionFollower, move_all
+from model.checkpoint import WEIGHTS_FILE, load_checkpoint, read_manifest, save_checkpoint, write_manifest
+from service.versions import ControlDir, MoveRefused, VersionFollower, move_all, settle_heap
 from testkit.images import shape_png
 from testkit.models import untrained_checkpoint
 from testkit.server import ROOT, start_server
@@ -66,6 +70,70 @@ def test_a_worker_that_fails_halfway_sends_every_worker_back(tmp_path):
     assert good.tag == bad.tag == "v1"
 
 
+def test_one_move_at_a_time(tmp_path):
+    """The moves' lock is an flock per open file: a second holder in the same process (another
+    thread of the worker) is refused as one in another worker would be, and named what is moving."""
+    control = ControlDir(tmp_path)
+    with control.exclusive_move("name:v2"):
+        with pytest.raises(MoveRefused) as refused:
+            with control.exclusive_move("name:v3"):
+                pass
+        assert refused.value.status == 409 and refused.value.reason == "move_in_progress"
+        assert "name:v2" in refused.value.detail
+    with control.exclusive_move("name:v3"):  # released when the first move ends
+        pass
+
+
+def test_settling_the_heap_keeps_it_frozen_and_frees_the_old_version():
+    """settle_heap after a move, in a process that froze its heap: the old version, frozen with the
+    rest and then dropped, is freed (by reference counting; or, held by a cycle, by the full
+    collection settle_heap does when it is told the old version is still alive), and what is
+    alive afterwards is frozen."""
+    class Version:  # a version held by a reference cycle: frozen, only gc.unfreeze() lets it go
+        def __init__(self):
+            self.me = self
+
+    import weakref
+
+    gc.collect()
+    gc.freeze()
+    try:
+        plain, cyclic = torch.nn.Linear(64, 64), Version()
+        gc.freeze()  # both frozen, as a version installed after the last settle is
+        plain_ref, cyclic_ref = weakref.ref(plain), weakref.ref(cyclic)
+        del plain, cyclic
+        assert plain_ref() is None  # reference counting frees a frozen object without a cycle
+        assert cyclic_ref() is not None
+        assert settle_heap(released=True).startswith("old version freed")
+        assert cyclic_ref() is not None  # a young collection does not see frozen objects
+        assert settle_heap(released=False).startswith("old version still alive")
+        assert cyclic_ref() is None and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+
+
+def test_the_update_gate_judges_the_503s_a_move_causes():
+    """`make loadtest-update` counts the 503s of the answers that overlapped a move against the steady
+    rate of the rest: none allowed where the steady load got none; where the load alone is refused a
+    share (alexnet on 2 cores), the moves may see that share and no more."""
+    from loadtests.update import MOVE_TAIL_S, WARMUP_S, excess_503s, split_by_moves
+
+    started, windows = 1000.0, [(1030.0, 1031.0)]
+    timeline = [(1001.0, 10.0, "shed"),  # the cold start's
+                (1031.0 + MOVE_TAIL_S - 0.05, 100.0, "ok"),  # ended in the move's tail
+                (1030.2, 400.0, "ok"),  # began before the move, ended during it
+                (1029.9, 50.0, "ok")]  # ended before the move began
+    cold, moving, steady = split_by_moves(timeline, windows, started)
+    assert cold == timeline[:1] and moving == timeline[1:3] and steady == timeline[3:]
+    assert started + WARMUP_S > 1001.0
+    calm = [(2000.0 + i, 10.0, "ok") for i in range(1000)]
+    assert excess_503s([(1.0, 10.0, "shed")] + calm[:99], calm) == (1, 0.0)  # steady got none: 1 is one too many
+    overloaded = calm[:900] + [(3000.0 + i, 10.0, "shed") for i in range(100)]  # 10% refused without any move
+    shed, explained = excess_503s(overloaded[:450] + overloaded[900:950], overloaded)  # 500 answers, 10% refused
+    assert shed == 50 and explained == pytest.approx(50 + 3 * (500 * 0.1 * 0.9) ** 0.5)
+    assert excess_503s(overloaded[:400] + overloaded[900:1000], overloaded)[0] > explained  # 20%: the move's
+
+
 # ----- served for real ---------------------------------------------------------------------------
 
 
@@ -90,6 +158,18 @@ def versions(tiny_run, run_cli, tmp_path_factory, bentoml_home) -> dict[str, str
     stored.write_bytes(bytes(blob))
     tags["incompatible"] = register(untrained_checkpoint("cifar", root / "cifar"))
     tags["v2_dir"] = str(root / "v2")
+    # "unfit": intact (every hash matches its manifest) and compatible, but its weights do not fit the
+    # network its manifest describes -- it passes the admin call's check (which builds no model) and
+    # fails halfway through each worker's load
+    tags["unfit"] = register(root / "v2")
+    stored = bentoml_home / "models" / NAME / tags["unfit"].split(":")[1]
+    tensors = {name: t.contiguous() for name, t in checkpoint.model.state_dict().items()}
+    tensors["fc8.weight"] = tensors["fc8.weight"][:-1].clone()  # one class short
+    blob = safetensors_save(tensors, metadata={"format": "pt"})
+    (stored / WEIGHTS_FILE).write_bytes(blob)
+    unfit = read_manifest(stored)
+    unfit.weights_sha256 = hashlib.sha256(blob).hexdigest()
+    write_manifest(stored, unfit)
     return tags
 
 
@@ -197,6 +277,102 @@ def test_refusals_keep_the_old_version_and_say_why(versions, admin_server):
     metrics = httpx.get(f"{url}/metrics", timeout=30).text
     assert 'cnn_model_swaps_total{result="refused"} 3.0' in metrics
     assert f'tag="{versions["v1"]}"' in metrics
+
+
+@pytest.fixture(scope="module")
+def two_workers(versions, cli_env, tmp_path_factory):
+    """Two API workers (single layout) serving v1, moves allowed."""
+    server = start_server(cli_env, tmp_path_factory.mktemp("two"), MODEL_TAG=versions["v1"], ADMIN_KEY=ADMIN_KEY,
+                          API_WORKERS="2")
+    try:
+        _wait_for_workers(server.url, 2)
+        yield server
+    finally:
+        server.stop()
+
+
+def _generation(url: str) -> int:
+    return max(worker["generation"] for worker in httpx.get(f"{url}/model", timeout=30).json()["workers"])
+
+
+@pytest.mark.slow
+def test_two_moves_at_once_one_is_refused_with_409(versions, two_workers):
+    """Two admin calls at the same moment: one moves every worker, the other is answered 409
+    move_in_progress naming the move under way (nothing queued, no order's generation raced)."""
+    url = two_workers.url
+    before = _generation(url)
+    barrier = threading.Barrier(2)
+    answers: dict[str, httpx.Response] = {}
+
+    def call(label: str) -> None:
+        barrier.wait()
+        answers[label] = _move(url, versions[label])
+
+    threads = [threading.Thread(target=call, args=(label,)) for label in ("v2", "v1")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    statuses = sorted(answer.status_code for answer in answers.values())
+    assert statuses == [200, 409], {k: (v.status_code, v.text) for k, v in answers.items()}
+    (winner,) = [label for label, answer in answers.items() if answer.status_code == 200]
+    (loser,) = [answer for answer in answers.values() if answer.status_code == 409]
+    assert loser.json()["error"] == "move_in_progress" and versions[winner] in loser.json()["detail"], loser.text
+    assert _served_tags(url) == {versions[winner]}
+    assert _generation(url) == before + 1  # one order published, by the call that held the lock
+    assert _move(url, versions["v1"]).status_code == 200  # the lock is free again
+
+
+@pytest.mark.slow
+def test_a_load_that_fails_halfway_in_the_workers_keeps_the_old_version(versions, two_workers):
+    """A version whose files are intact but whose weights do not fit its network passes the admin
+    call's check (verification only: no model is built there) and fails in each worker's load; the
+    call says so (409 move_refused, each worker's reason), every worker stays on v1 and no request
+    fails meanwhile."""
+    url = two_workers.url
+    with Load(url, clients=2) as load:
+        time.sleep(0.5)
+        refused = _move(url, versions["unfit"])
+        time.sleep(0.5)
+    assert refused.status_code == 409 and refused.json()["error"] == "move_refused", refused.text
+    assert "do not fit the manifest's model config" in refused.json()["detail"]
+    assert "back on " + versions["v1"] in refused.json()["detail"]
+    assert _served_tags(url) == {versions["v1"]}
+    assert load.answers and all(a[1] == 200 and a[2] == versions["v1"] for a in load.answers), load.answers[:5]
+
+
+@pytest.mark.slow
+def test_ten_moves_keep_the_heap_frozen_and_memory_flat(versions, two_workers):
+    """After each move every worker freezes its heap again once the old version is freed (as start-up
+    freezes it; the worker logs how): at once, though the old version served requests (nothing a
+    request started -- the batcher's task, its last batch -- keeps it alive), and ten moves leave
+    the workers' memory within 10%."""
+    from loadtests.update import workers_rss
+
+    url = two_workers.url
+    pids = {worker["pid"] for worker in httpx.get(f"{url}/model", timeout=30).json()["workers"]}
+    assert _move(url, versions["v2"]).status_code == 200 and _move(url, versions["v1"]).status_code == 200
+    time.sleep(1)
+    before = workers_rss(two_workers)["api"]
+    body = {"images_base64": [base64.b64encode(shape_png(1)).decode()]}
+    for index in range(10):
+        for _ in range(4):  # each version answers before it is moved away from (the batcher then held it)
+            assert httpx.post(f"{url}/classify", json=body, timeout=30).status_code == 200
+        logged = len(two_workers.log())  # a worker may settle before the call answers
+        moved = _move(url, versions["v2" if index % 2 == 0 else "v1"])
+        assert moved.status_code == 200, moved.text
+    deadline = time.monotonic() + 30
+    while True:  # each worker settles its heap once the old version is freed (a few hundred ms)
+        tail = two_workers.log()[logged:]
+        settled = {int(pid) for pid in re.findall(r"\(pid (\d+)\): heap settled after the move \(old version freed",
+                                                  tail)}
+        if settled >= pids or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert settled >= pids, tail
+    assert "old version still alive" not in two_workers.log()  # every old version went with its last request
+    after = workers_rss(two_workers)["api"]
+    assert after <= 1.10 * before, (before, after)
 
 
 @pytest.mark.slow

@@ -7,8 +7,10 @@ The service does the move (service/versions.py: every worker loads, verifies,
 checks and warms the version beside the old one, then swaps; any refusal
 sends every worker back). This command asks for it (POST /admin/model, with
 the admin key from --admin-key or ADMIN_KEY) and prints what each worker
-serves. Rollback is the same command with the previous version: the store
-keeps every version, so nothing is downloaded.
+serves. The service takes one move at a time (another call meanwhile gets 409
+`move_in_progress`); this command then waits its turn (up to 10 minutes).
+Rollback is the same command with the previous version: the store keeps
+every version, so nothing is downloaded.
 
 --watch follows the store's `latest` of a model name: a deployment that
 publishes by registering (`python -m training register RUN`) moves the
@@ -25,15 +27,27 @@ import time
 import httpx
 
 
-def move(url: str, tag: str, admin_key: str | None) -> tuple[bool, dict]:
-    """(moved, the service's answer) for one move to `tag`."""
+WAIT_TURN_S = 600.0  # how long a move waits while another one runs (the service answers 409 move_in_progress)
+
+
+def move(url: str, tag: str, admin_key: str | None, wait_turn_s: float = WAIT_TURN_S) -> tuple[bool, dict]:
+    """(moved, the service's answer) for one move to `tag`; while another move runs, asks again
+    every second (up to `wait_turn_s`): the service takes one move at a time and does not queue them."""
     headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
-    response = httpx.post(f"{url.rstrip('/')}/admin/model", json={"tag": tag}, headers=headers, timeout=600)
-    try:
-        body = response.json()
-    except ValueError:
-        body = {"error": f"HTTP {response.status_code}", "detail": response.text[:500]}
-    return response.status_code == 200, body
+    deadline = time.monotonic() + wait_turn_s
+    said = False
+    while True:
+        response = httpx.post(f"{url.rstrip('/')}/admin/model", json={"tag": tag}, headers=headers, timeout=600)
+        try:
+            body = response.json()
+        except ValueError:
+            body = {"error": f"HTTP {response.status_code}", "detail": response.text[:500]}
+        if body.get("error") != "move_in_progress" or time.monotonic() > deadline:
+            return response.status_code == 200, body
+        if not said:
+            print(f"waiting: {body.get('detail')}", file=sys.stderr)
+            said = True
+        time.sleep(1.0)
 
 
 def report(moved: bool, body: dict) -> None:
