@@ -10,10 +10,12 @@ passes). A worker admits requests while the units in flight stay within its
 The cap is set by what admitted requests really take, not by a model of the
 service: in each half second, the 90th percentile of the time from admission
 to answer (body parsing, decoding, batching, the forward pass, the response,
-and whatever else shares the cores) is compared with the budget. Over it, the
-cap shrinks in proportion; well under it while requests were kept waiting,
-the cap grows (up to 1.5x a round). Only requests admitted under the current cap
-judge it, so one slow burst does not shrink it twice. This replaces an
+and whatever else shares the cores), per endpoint, and the slowest endpoint's
+is compared with the budget. Over it, the cap shrinks in proportion; well
+under it while requests were kept waiting, the cap grows (up to 1.5x a round).
+Only requests that queued behind others, admitted under the current cap, judge
+it: one slow burst does not shrink it twice, and a request alone takes what it
+takes whatever the cap. This replaces an
 estimate built from the forward pass's speed alone, which both over-admitted
 where decoding dominates (accepted requests waited twice the budget) and,
 once it refused, sank with every slow batch: under a retry storm of batch
@@ -82,7 +84,7 @@ class Admission:
         self._waiters: collections.deque[tuple[float, asyncio.Future]] = collections.deque()
         self._units_per_body_byte: dict[str, float] = {}
         self._judged_since = clock()  # requests admitted before this were admitted under an older cap
-        self._answer_seconds: list[float] = []
+        self._answer_seconds: dict[str, list[float]] = {}  # per endpoint
         self._pressed = False  # a request waited or was refused since the last judgement
 
     # ----- what a request costs -----------------------------------------------------------------
@@ -178,8 +180,8 @@ class Admission:
         now = self._clock()
         # Judged by requests that queued behind others: one alone takes what it takes, whatever the cap.
         if served and ticket.queued and ticket.admitted_at >= self._judged_since:
-            self._answer_seconds.append(now - ticket.admitted_at)
-        elapsed, answers = now - self._judged_since, len(self._answer_seconds)
+            self._answer_seconds.setdefault(ticket.label, []).append(now - ticket.admitted_at)
+        elapsed, answers = now - self._judged_since, sum(map(len, self._answer_seconds.values()))
         if (elapsed >= self.WINDOW_S and answers >= self.ANSWERS) or (elapsed >= 4 * self.WINDOW_S and answers):
             self._judge(now)
         self._wake()
@@ -203,14 +205,15 @@ class Admission:
     # ----- judging the cap --------------------------------------------------------------------------
 
     def _judge(self, now: float) -> None:
-        times = sorted(self._answer_seconds)
-        self.recent_seconds = times[min(len(times) - 1, int(self.QUANTILE * len(times)))]
+        # Each endpoint's quantile, and the slowest of them: a few slow /explain answers among many
+        # quick /classify ones must be held to the budget too, not hidden in a common percentile.
+        self.recent_seconds = max(_quantile(times, self.QUANTILE) for times in self._answer_seconds.values())
         ratio = self.budget_seconds / max(self.recent_seconds, 1e-6)
         if ratio < 1:  # answered too late: admit less, in proportion
             self.cap = max(1.0, self.cap * max(self.MAX_SHRINK, ratio))
         elif self._pressed:  # within the budget while requests were kept waiting or refused: admit more
             self.cap *= min(self.MAX_GROWTH, ratio)
-        self._answer_seconds = []
+        self._answer_seconds = {}
         self._pressed = False
         self._judged_since = now
 
@@ -230,3 +233,8 @@ class Admission:
     def _take(self, units: float) -> None:
         self.inflight += units
         self.requests += 1
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
