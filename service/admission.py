@@ -13,9 +13,9 @@ to answer (body parsing, decoding, batching, the forward pass, the response,
 and whatever else shares the cores), per endpoint, and the slowest endpoint's
 is compared with the budget. Over it, the cap shrinks in proportion; well
 under it while requests were kept waiting, the cap grows (up to 1.5x a round).
-Only requests that queued behind others, admitted under the current cap, judge
-it: one slow burst does not shrink it twice, and a request alone takes what it
-takes whatever the cap. This replaces an
+Only requests admitted under the current cap judge it (one slow burst does
+not shrink it twice), and only those that queued behind others may shrink it
+(a request alone takes what it takes, whatever the cap). This replaces an
 estimate built from the forward pass's speed alone, which both over-admitted
 where decoding dominates (accepted requests waited twice the budget) and,
 once it refused, sank with every slow batch: under a retry storm of batch
@@ -85,6 +85,7 @@ class Admission:
         self._units_per_body_byte: dict[str, float] = {}
         self._judged_since = clock()  # requests admitted before this were admitted under an older cap
         self._answer_seconds: dict[str, list[float]] = {}  # per endpoint
+        self._queued_answers = 0  # how many of them were admitted behind others
         self._pressed = False  # a request waited or was refused since the last judgement
 
     # ----- what a request costs -----------------------------------------------------------------
@@ -178,9 +179,9 @@ class Admission:
         self.inflight = max(0.0, self.inflight - ticket.units) if self.requests else 0.0
         ticket.units = 0.0
         now = self._clock()
-        # Judged by requests that queued behind others: one alone takes what it takes, whatever the cap.
-        if served and ticket.queued and ticket.admitted_at >= self._judged_since:
+        if served and ticket.admitted_at >= self._judged_since:
             self._answer_seconds.setdefault(ticket.label, []).append(now - ticket.admitted_at)
+            self._queued_answers += ticket.queued
         elapsed, answers = now - self._judged_since, sum(map(len, self._answer_seconds.values()))
         if (elapsed >= self.WINDOW_S and answers >= self.ANSWERS) or (elapsed >= 4 * self.WINDOW_S and answers):
             self._judge(now)
@@ -209,11 +210,14 @@ class Admission:
         # quick /classify ones must be held to the budget too, not hidden in a common percentile.
         self.recent_seconds = max(_quantile(times, self.QUANTILE) for times in self._answer_seconds.values())
         ratio = self.budget_seconds / max(self.recent_seconds, 1e-6)
-        if ratio < 1:  # answered too late: admit less, in proportion
+        # Only requests that queued behind others may shrink it: one alone takes what it takes, whatever
+        # the cap. (They may grow it: a cap shrunk to one request at a time must be able to come back.)
+        if ratio < 1 and self._queued_answers:  # answered too late: admit less, in proportion
             self.cap = max(1.0, self.cap * max(self.MAX_SHRINK, ratio))
-        elif self._pressed:  # within the budget while requests were kept waiting or refused: admit more
+        elif ratio > 1 and self._pressed:  # within the budget while requests were kept out: admit more
             self.cap *= min(self.MAX_GROWTH, ratio)
         self._answer_seconds = {}
+        self._queued_answers = 0
         self._pressed = False
         self._judged_since = now
 

@@ -196,11 +196,15 @@ class LocalBackend(_Versions):
         self._observe = observe_batch
         self.batcher = Batcher(self._forward, self._split, config.max_batch_size, config.max_latency_ms / 1000,
                                parallel=config.forward_threads, observe=self._observed)
+        # The model's lane: batches, feature maps and attributions take turns on the cores (each uses
+        # them all). Run side by side, eight occlusion maps and the batcher's forwards oversubscribed
+        # two cores 10x: batches waited seconds, and /explain took 3-6 s (BENCHMARKS.md, goodput).
+        self._lane = anyio.CapacityLimiter(config.forward_threads)
 
     async def _forward(self, batch: np.ndarray) -> _Batch:
         version = self.current  # a batch runs on one version, whatever is swapped in meanwhile
         pixels = torch.from_numpy(batch).permute(0, 3, 1, 2)  # NHWC -> NCHW, channels-last in memory
-        return _Batch(await anyio.to_thread.run_sync(version.predictor.predict, pixels), version)
+        return _Batch(await anyio.to_thread.run_sync(version.predictor.predict, pixels, limiter=self._lane), version)
 
     @staticmethod
     def _split(result: _Batch, start: int, stop: int) -> Predictions:
@@ -221,12 +225,13 @@ class LocalBackend(_Versions):
 
     async def activations(self, image: np.ndarray, layers: list[str], stage: str) -> tuple[dict, ModelVersion]:
         version = self.version()
-        found = await anyio.to_thread.run_sync(version.predictor.activations, _chw(image), layers, stage)
+        found = await anyio.to_thread.run_sync(version.predictor.activations, _chw(image), layers, stage,
+                                               limiter=self._lane)
         return {name: value.numpy() for name, value in found.items()}, version
 
     async def explain(self, image: np.ndarray, request: AttributionRequest) -> ExplainResult:
         version = self.version()
-        found = await anyio.to_thread.run_sync(version.predictor.explain, _chw(image), request)
+        found = await anyio.to_thread.run_sync(version.predictor.explain, _chw(image), request, limiter=self._lane)
         return ExplainResult(found.class_index, found.probability, found.input_map.numpy(), found.signed,
                              None if found.layer_map is None else found.layer_map.numpy(), version)
 

@@ -71,7 +71,7 @@ def _round(admission: Admission, clock: Clock, requests: int, seconds: float, pr
     if pressed:
         assert asyncio.run(admission.enter(admission.cap + 1)) is None  # does not fit: refused (no wait)
     clock.now += max(seconds, Admission.WINDOW_S)
-    for ticket in tickets:
+    for ticket in reversed(tickets):  # the first, admitted alone, answered last
         admission.release(ticket, served=True)
 
 
@@ -86,6 +86,17 @@ def test_the_cap_shrinks_when_answers_miss_the_budget_and_grows_back_when_they_a
     assert admission.cap == pytest.approx(100 / 1.2 * 0.7 * 1.25)
     _round(admission, clock, 20, 0.25)  # far within the budget: grows by half at most
     assert admission.cap == pytest.approx(100 / 1.2 * 0.7 * 1.25 * 1.5)
+
+
+def test_a_cap_shrunk_to_one_request_at_a_time_comes_back():
+    clock = Clock()
+    admission = Admission(budget_seconds=1.0, initial_rate=1.0, clock=clock)  # cap 1 unit: one at a time
+    for _ in range(16):  # each answered in 0.2 s, alone, while others were kept out
+        ticket = asyncio.run(admission.enter(1))
+        assert asyncio.run(admission.enter(1)) is None
+        clock.now += 0.2
+        admission.release(ticket, served=True)
+    assert admission.cap == pytest.approx(1.5 ** 2)  # two judgements of 8 answers: 1.5x each
 
 
 def test_the_cap_grows_only_when_requests_were_kept_out():
