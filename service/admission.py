@@ -77,6 +77,7 @@ class Admission:
         self.decode_seconds_per_byte = decode_seconds_per_byte  # measured at start-up (service.decoding)
         self.forward_seconds_per_pass = 1 / max(initial_rate, 1e-3)
         self._forward_batches = 0
+        self.work_factors: dict[str, float] = {}  # per kind of unbatched work: real cost per nominal pass
         self.inflight = 0.0
         self.requests = 0  # admitted and not yet answered
         self.recent_seconds = 0.0  # the last judged quantile of admission-to-answer
@@ -90,9 +91,21 @@ class Admission:
 
     # ----- what a request costs -----------------------------------------------------------------
 
-    def units(self, forward_passes: float, encoded_bytes: int = 0) -> float:
-        """Forward passes, plus the decoding of `encoded_bytes` in forward-pass equivalents."""
-        return forward_passes + encoded_bytes * self.decode_seconds_per_byte / self.forward_seconds_per_pass
+    def units(self, forward_passes: float, encoded_bytes: int = 0, kind: str = "") -> float:
+        """Forward passes (of `kind` of work: what they were measured to cost), plus the decoding of
+        `encoded_bytes`, in batched single-image forward-pass equivalents."""
+        return (forward_passes * self.work_factors.get(kind, 1.0)
+                + encoded_bytes * self.decode_seconds_per_byte / self.forward_seconds_per_pass)
+
+    def observe_work(self, kind: str, forward_passes: float, seconds: float) -> None:
+        """Unbatched model work ran (an attribution: fp32 passes on the reference copy, backward passes):
+        learn what its nominal passes really cost against a batched forward pass, so that it is charged
+        what it takes. (Charged nominally, eight occlusion maps filled the cap at a fraction of their
+        real cost and held the model for seconds: BENCHMARKS.md, goodput.)"""
+        if forward_passes > 0 and seconds > 0:
+            factor = max(1.0, seconds / (forward_passes * self.forward_seconds_per_pass))
+            learned = self.work_factors.get(kind)
+            self.work_factors[kind] = factor if learned is None else 0.7 * learned + 0.3 * factor
 
     def observe_forward(self, images: int, seconds: float) -> None:
         """A batch ran. The first batches fix what one image's share of a batch costs (their fastest),

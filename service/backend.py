@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import time
 import dataclasses
 import zlib
 from dataclasses import dataclass
@@ -162,6 +163,7 @@ class ExplainResult:
     signed: bool
     layer_map: np.ndarray | None  # Grad-CAM: at the layer's resolution, in [0, 1]
     version: ModelVersion  # the version that computed it
+    compute_seconds: float = 0.0  # time it held the model's lane (this process's backend only)
 
 
 @dataclass
@@ -191,9 +193,10 @@ def _handed_over(answered: Predictions) -> Predictions:
 
 
 class LocalBackend(_Versions):
-    def __init__(self, version: ModelVersion, config: ServiceConfig, observe_batch):
+    def __init__(self, version: ModelVersion, config: ServiceConfig, observe_batch, observe_work=None):
         self.current = version
         self._observe = observe_batch
+        self._observe_work = observe_work or (lambda kind, passes, seconds: None)
         self.batcher = Batcher(self._forward, self._split, config.max_batch_size, config.max_latency_ms / 1000,
                                parallel=config.forward_threads, observe=self._observed)
         # The model's lane: batches, feature maps and attributions take turns on the cores (each uses
@@ -231,9 +234,14 @@ class LocalBackend(_Versions):
 
     async def explain(self, image: np.ndarray, request: AttributionRequest) -> ExplainResult:
         version = self.version()
-        found = await anyio.to_thread.run_sync(version.predictor.explain, _chw(image), request, limiter=self._lane)
+        def timed():
+            start = time.perf_counter()
+            return version.predictor.explain(_chw(image), request), time.perf_counter() - start
+
+        found, seconds = await anyio.to_thread.run_sync(timed, limiter=self._lane)
+        self._observe_work(f"explain:{request.method}", request.cost(image.shape[0]), seconds)
         return ExplainResult(found.class_index, found.probability, found.input_map.numpy(), found.signed,
-                             None if found.layer_map is None else found.layer_map.numpy(), version)
+                             None if found.layer_map is None else found.layer_map.numpy(), version, seconds)
 
     async def kernels(self, layer: str) -> np.ndarray:
         return self.version().predictor.kernels(layer).numpy()

@@ -35,7 +35,8 @@ def admission_state(admission) -> dict:
             "recent_answer_seconds": round(admission.recent_seconds, 3),
             "waiting": admission.waiting(), "wait_seconds": admission.wait_seconds,
             "decode_units_per_mb": round(admission.units(0, 1_000_000), 2),
-            "door_units_per_mb": admission.door_rates()}
+            "door_units_per_mb": admission.door_rates(),
+            "work_units_per_pass": {kind: round(f, 2) for kind, f in admission.work_factors.items()}}
 
 
 async def describe_model(service) -> dict:

@@ -110,7 +110,7 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
         json_part, binary = view[:size], view[size:]
     try:
         header = json.loads(bytes(json_part))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested past the parser's depth
         raise bad_request("invalid_json", "the inference request is not valid JSON (with binary tensor data, "
                                           "Inference-Header-Content-Length must give the JSON's length)") from None
     if not isinstance(header, dict):

@@ -11,6 +11,7 @@ import logging
 from importlib import metadata
 
 from service import endpoints
+from service.oip_spec import add_oip
 
 logger = logging.getLogger(__name__)
 
@@ -232,7 +233,8 @@ def valid_openapi_31(spec: dict) -> dict:
 def amend_docs(send):
     """The OpenAPI spec, amended: valid OpenAPI 3.1 (valid_openapi_31), a link to /ui
     (BentoML's page at / shows this description), the refusals the inference endpoints
-    really return, and the GET endpoints BentoML does not know of."""
+    really return, and the routes BentoML does not know of: the GET endpoints of
+    service.introspection and the Open Inference Protocol's (service.oip_spec)."""
 
     def transform(status, headers, body):
         if status != 200:
@@ -254,6 +256,7 @@ def amend_docs(send):
                     description = f"{description}. Admission charges a request {endpoint.cost}"
                 operation["responses"].setdefault(code, {"description": description, "content": _ERROR_BODY})
         paths.update(INTROSPECTION_PATHS)
+        add_oip(spec)
         declare_json_bodies(spec, tuple(endpoint.path for endpoint in endpoints.INFERENCE))
         return json.dumps(valid_openapi_31(spec)).encode()
 

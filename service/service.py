@@ -105,7 +105,8 @@ class CNNService:
             # busy, the workers share them (BENCHMARKS.md measured 1 vs 2 workers, 1 vs all threads).
             predictor = build_predictor(CONFIG, load_or_exit(MODEL_PATH), self.device, cpu_threads=os.cpu_count() or 1)
             version = ModelVersion.loaded(MODEL_TAG, MODEL_PATH, predictor)
-            self.backend = LocalBackend(version, CONFIG, self._observe_batch)
+            self.backend = LocalBackend(version, CONFIG, self._observe_batch,
+                                        lambda kind, passes, seconds: self.admission.observe_work(kind, passes, seconds))
             probe = predictor.predict(torch.zeros(8, 3, predictor.input_size, predictor.input_size,
                                                   dtype=torch.uint8))
             initial_rate = 8 / probe.forward_seconds
@@ -280,13 +281,14 @@ class CNNService:
         async def work(pixels: np.ndarray):
             return await respond(self, pixels, request)
 
-        return await self._on_one_image(endpoint, image, image_base64, work, cost=request.cost(self.input_size))
+        return await self._on_one_image(endpoint, image, image_base64, work, cost=request.cost(self.input_size),
+                                        kind=f"explain:{request.method}")
 
     @contextlib.asynccontextmanager
-    async def _admitted(self, forward_passes: float, encoded_bytes: int = 0):
+    async def _admitted(self, forward_passes: float, encoded_bytes: int = 0, kind: str = ""):
         """Charge this request its exact cost: settle the ticket the door (service.guards.AdmitWhenRoom)
         gave it at an estimate, or, where no door ran, admit it here."""
-        units = self.admission.units(forward_passes, encoded_bytes)
+        units = self.admission.units(forward_passes, encoded_bytes, kind)
         ticket = TICKET.get()
         if ticket is not None:
             if not self.admission.settle(ticket, units):
@@ -326,11 +328,11 @@ class CNNService:
                              dim=embeddings.shape[1],
                              normalized=normalize, embeddings=embeddings.tolist())
 
-    async def _on_one_image(self, endpoint: str, image, image_base64, work, cost: int = 1):
+    async def _on_one_image(self, endpoint: str, image, image_base64, work, cost: int = 1, kind: str = ""):
         """One image (file or base64) through `work(pixels)`: admitted (as `cost` images' worth of
         forward passes), decoded, timed and counted."""
         data = collect_payloads([image] if image else None, [image_base64] if image_base64 else None, False)[0]
-        async with self._admitted(cost, len(data)):
+        async with self._admitted(cost, len(data), kind):
             pixels = (await self._decode(endpoint, [data]))[0]
             with self.metrics.forward_seconds.labels(endpoint, self.metrics.device).time():
                 result = await work(pixels)

@@ -179,6 +179,7 @@ def test_malformed_bodies_get_the_protocols_error_body_never_a_5xx(server, model
                                      "parameters": {"binary_data_size": 64 * 64 * 3}}]}).encode()
     cases = {
         "not json": (b"{nope", {}, 400, "invalid_json"),
+        "json nested past the parser's depth": (b"[" * 100_000, {}, 400, "invalid_json"),
         "binary shorter than declared": (header + b"\0" * 100, {"Inference-Header-Content-Length": str(len(header))},
                                          400, "size_mismatch"),
         "binary longer than declared": (header + b"\0" * (64 * 64 * 3 + 1),
@@ -308,6 +309,92 @@ def test_kserve_rest_client_calls_every_route(server, model, images):
     assert seen["errors"]["shape"]["body"]["error"].startswith("shape_mismatch: ")
 
 
+OIP_PATHS = {"/v2": "get", "/v2/health/live": "get", "/v2/health/ready": "get",
+             "/v2/models/{model_name}": "get", "/v2/models/{model_name}/versions/{model_version}": "get",
+             "/v2/models/{model_name}/ready": "get", "/v2/models/{model_name}/versions/{model_version}/ready": "get",
+             "/v2/models/{model_name}/infer": "post", "/v2/models/{model_name}/versions/{model_version}/infer": "post"}
+
+
+def _conforms(spec: dict, operation: dict, answer: httpx.Response) -> None:
+    """The answer's status and content type are documented for the operation, and its (JSON) body fits
+    the documented schema."""
+    from jsonschema import Draft202012Validator
+
+    documented = operation["responses"].get(str(answer.status_code))
+    assert documented is not None, (answer.status_code, answer.text[:300])
+    media = answer.headers["content-type"].split(";")[0]
+    assert media in documented["content"], (answer.status_code, media)
+    if media == "application/json":
+        schema = {**documented["content"][media]["schema"], "components": spec["components"]}
+        Draft202012Validator(schema).validate(answer.json())
+
+
+@pytest.mark.slow
+def test_docs_list_the_oip_routes_and_each_answers_as_documented(server, model, images):
+    from jsonschema import Draft202012Validator
+    from openapi_spec_validator import validate
+
+    name, version = model
+    spec = httpx.get(f"{server.url}/docs.json", timeout=30).json()
+    validate(spec)
+    assert {path: set(ops) for path, ops in spec["paths"].items() if path.startswith("/v2")} == {
+        path: {method} for path, method in OIP_PATHS.items()}
+    assert "Open Inference Protocol (KServe v2)" in {tag["name"] for tag in spec["tags"]}
+    error = spec["components"]["schemas"]["OipError"]
+    assert error["required"] == ["error"] and set(error["properties"]) == {"error"}  # not {"error", "detail"}
+    cat = base64.b64encode(images["cat.jpg"].read_bytes()).decode()
+    request = {"id": "r-9", "inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "data": [cat]}],
+               "outputs": [{"name": "top_k_labels", "parameters": {"top_k": 2}}, {"name": "conv1"}]}
+    for path, method in OIP_PATHS.items():
+        operation = spec["paths"][path][method]
+        assert operation["tags"] == ["Open Inference Protocol (KServe v2)"]
+        params = {p["name"]: p for p in operation.get("parameters", []) if p["in"] == "path"}
+        assert set(params) == set(re.findall(r"{(\w+)}", path)), path
+        # the path parameters' examples are the served model's: the examples call it
+        served = {"model_name": name, "model_version": version}
+        assert {k: p["example"] for k, p in params.items()} == {k: served[k] for k in params}, path
+        url = server.url + path.format(model_name=name, model_version=version)
+        if method == "get":
+            answer = httpx.get(url, timeout=60)
+            assert answer.status_code == 200, (path, answer.text)
+            _conforms(spec, operation, answer)
+        else:
+            content = operation["requestBody"]["content"]
+            assert set(content) == {"application/json", "application/octet-stream"}
+            assert any(p["in"] == "header" and p["name"] == "Inference-Header-Content-Length"
+                       for p in operation["parameters"])
+            for body in (request, content["application/json"]["example"]):  # ours, and the spec's example
+                answer = httpx.post(url, json=body, timeout=60)
+                assert answer.status_code == 200, (path, answer.text)
+                _conforms(spec, operation, answer)
+            assert answer.json()["id"] == "42"
+            # binary tensor data both ways: octet-stream in, octet-stream out
+            described = httpx.get(f"{server.url}/v2/models/{name}", timeout=30).json()["parameters"]
+            pixels = np.zeros((1, described["input_size"], described["input_size"], 3), dtype=np.uint8)
+            header = json.dumps({"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": list(pixels.shape),
+                                             "parameters": {"binary_data_size": pixels.nbytes}}],
+                                 "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}]}).encode()
+            answer = httpx.post(url, content=header + pixels.tobytes(), timeout=60, headers={
+                "Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header))})
+            assert answer.status_code == 200, answer.text
+            assert "Inference-Header-Content-Length" in operation["responses"]["200"]["headers"]
+            _conforms(spec, operation, answer)  # documented as application/octet-stream
+            length = int(answer.headers["inference-header-content-length"])
+            head = json.loads(answer.content[:length])  # its JSON part: the documented response object
+            json_200 = operation["responses"]["200"]["content"]["application/json"]
+            Draft202012Validator({**json_200["schema"], "components": spec["components"]}).validate(head)
+            assert len(answer.content) - length == head["outputs"][0]["parameters"]["binary_data_size"]
+            refused = httpx.post(url, content=b"{nope", timeout=60, headers={"Content-Type": "application/json"})
+            assert refused.status_code == 400
+            _conforms(spec, operation, refused)
+        if "model_name" in params:  # another model: the documented 404, with the protocol's error body
+            missing = (httpx.get if method == "get" else httpx.post)(
+                server.url + path.format(model_name="no-such-model", model_version=version), timeout=30,
+                **({} if method == "get" else {"json": request}))
+            assert missing.status_code == 404 and list(missing.json()) == ["error"], (path, missing.text)
+            _conforms(spec, operation, missing)
+
+
 # ----- in process: the wire format, the client's preprocessing, the guards ----------------------------
 
 
@@ -389,6 +476,40 @@ def test_oip_infer_is_declared_sheddable_and_its_refusals_keep_the_protocols_bod
     assert list(shed.json()) == ["error"] and shed.json()["error"].startswith("overloaded: ")
     unauthorized = asyncio.run(call({}))
     assert unauthorized.status_code == 401 and list(unauthorized.json()) == ["error"]
+
+
+def test_amended_spec_lists_the_oip_routes_and_stays_valid_openapi():
+    """amend_docs on a spec as BentoML writes it, in process: the protocol's routes, valid OpenAPI 3.1
+    (before a model is loaded: the store's model name as the example, no version)."""
+    from openapi_spec_validator import validate
+
+    from service.rewrites import amend_docs
+
+    bentoml_spec = {"openapi": "3.0.2", "info": {"title": "CNNService", "version": "None"}, "paths": {},
+                    "components": {"schemas": {"InvalidArgument": {"type": "object"}}},
+                    "tags": [{"name": "Service APIs"}]}
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def serve():
+        wrapped = amend_docs(send)
+        await wrapped({"type": "http.response.start", "status": 200,
+                       "headers": [(b"content-type", b"application/json")]})
+        await wrapped({"type": "http.response.body", "body": json.dumps(bentoml_spec).encode()})
+
+    for _ in range(2):  # the same spec each time (nothing shared is rewritten in place)
+        sent.clear()
+        asyncio.run(serve())
+        spec = json.loads(sent[-1]["body"])
+        validate(spec)
+        assert {path for path in spec["paths"] if path.startswith("/v2")} == set(OIP_PATHS)
+        assert [tag["name"] for tag in spec["tags"]] == ["Service APIs", "Open Inference Protocol (KServe v2)"]
+        infer = spec["paths"]["/v2/models/{model_name}/infer"]["post"]
+        assert infer["parameters"][0]["example"] == "cnn-classifier"
+        assert {"200", "400", "401", "404", "413", "422", "503"} == set(infer["responses"])
+        assert infer["responses"]["503"]["headers"]["Retry-After"]
 
 
 # ----- the README's examples, as written ----------------------------------------------------------
