@@ -163,7 +163,7 @@ class ExplainResult:
     signed: bool
     layer_map: np.ndarray | None  # Grad-CAM: at the layer's resolution, in [0, 1]
     version: ModelVersion  # the version that computed it
-    compute_seconds: float = 0.0  # time it held the model's lane (this process's backend only)
+    compute_seconds: float = 0.0  # the time it took (this process's backend; 0 from the model service)
 
 
 @dataclass
@@ -199,15 +199,15 @@ class LocalBackend(_Versions):
         self._observe_work = observe_work or (lambda kind, passes, seconds: None)
         self.batcher = Batcher(self._forward, self._split, config.max_batch_size, config.max_latency_ms / 1000,
                                parallel=config.forward_threads, observe=self._observed)
-        # The model's lane: batches, feature maps and attributions take turns on the cores (each uses
-        # them all). Run side by side, eight occlusion maps and the batcher's forwards oversubscribed
-        # two cores 10x: batches waited seconds, and /explain took 3-6 s (BENCHMARKS.md, goodput).
-        self._lane = anyio.CapacityLimiter(config.forward_threads)
+        # Attributions run one at a time beside the batcher's forwards (each uses every core): eight
+        # occlusion maps side by side oversubscribed two cores and spent 1.7x the CPU per unit of work
+        # (BENCHMARKS.md, goodput). Not in the batches' lane: batches behind them waited seconds.
+        self._attributions = anyio.CapacityLimiter(1)
 
     async def _forward(self, batch: np.ndarray) -> _Batch:
         version = self.current  # a batch runs on one version, whatever is swapped in meanwhile
         pixels = torch.from_numpy(batch).permute(0, 3, 1, 2)  # NHWC -> NCHW, channels-last in memory
-        return _Batch(await anyio.to_thread.run_sync(version.predictor.predict, pixels, limiter=self._lane), version)
+        return _Batch(await anyio.to_thread.run_sync(version.predictor.predict, pixels), version)
 
     @staticmethod
     def _split(result: _Batch, start: int, stop: int) -> Predictions:
@@ -228,17 +228,16 @@ class LocalBackend(_Versions):
 
     async def activations(self, image: np.ndarray, layers: list[str], stage: str) -> tuple[dict, ModelVersion]:
         version = self.version()
-        found = await anyio.to_thread.run_sync(version.predictor.activations, _chw(image), layers, stage,
-                                               limiter=self._lane)
+        found = await anyio.to_thread.run_sync(version.predictor.activations, _chw(image), layers, stage)
         return {name: value.numpy() for name, value in found.items()}, version
 
     async def explain(self, image: np.ndarray, request: AttributionRequest) -> ExplainResult:
         version = self.version()
-        def timed():
+        def timed():  # the time it computes, not the time it waited for its turn
             start = time.perf_counter()
             return version.predictor.explain(_chw(image), request), time.perf_counter() - start
 
-        found, seconds = await anyio.to_thread.run_sync(timed, limiter=self._lane)
+        found, seconds = await anyio.to_thread.run_sync(timed, limiter=self._attributions)
         self._observe_work(f"explain:{request.method}", request.cost(image.shape[0]), seconds)
         return ExplainResult(found.class_index, found.probability, found.input_map.numpy(), found.signed,
                              None if found.layer_map is None else found.layer_map.numpy(), version, seconds)
