@@ -15,7 +15,7 @@ from testkit.server import ServerProcess
 
 # A 1 s budget: the small model on 2 shared cores is overloaded by these loads, so the door refuses.
 SERVER_ENV = {"MAX_LATENCY_MS": "1000", "PRECISION": "fp32"}
-SECONDS = 5.0
+SECONDS = 4.0
 
 
 @pytest.fixture(scope="module")
@@ -44,38 +44,58 @@ def test_impolite_clients_get_answers_or_fast_refusals_and_the_service_lives(sto
     assert statuses <= {"200", "503"}, statuses
 
 
-def test_the_door_refuses_before_reading_the_body(storm_server):
-    """A request that finds no room is refused with its body unread: a client that has not even sent
-    its body yet gets its 503 (or is admitted) from the headers alone."""
-    import socket
-    import time
+def test_the_door_refuses_before_reading_the_body_and_admits_from_the_line(monkeypatch):
+    """AdmitWhenRoom on a full worker: a request waits in line, body unread, and is refused (503 +
+    Retry-After) without one byte of its body received; one that finds room meanwhile is admitted."""
+    import asyncio
+    from types import SimpleNamespace
 
-    load, _ = goodput.loads_of("storm", photos((640,), ("JPEG",)))
-    refused_unsent = []
+    import bentoml
 
-    def headers_only() -> bytes:
-        with socket.create_connection(("127.0.0.1", storm_server.port), timeout=20) as sock:
-            sock.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-                         b"Content-Length: 400000\r\n\r\n")
-            sock.settimeout(3)
-            try:
-                return sock.recv(4096)
-            except TimeoutError:
-                return b""  # admitted: it waits for the body we never send
+    from service.admission import Admission
+    from service.guards import AddRetryAfter, AdmitWhenRoom
 
-    import threading
+    admission = Admission(budget_seconds=1.0, initial_rate=10.0, wait_seconds=0.2)
+    counter = SimpleNamespace(inc=lambda: None)
+    service = SimpleNamespace(admission=admission, metrics=SimpleNamespace(
+        refusals=SimpleNamespace(labels=lambda *labels: counter), observe_admission=lambda admission: None))
+    monkeypatch.setattr(bentoml, "get_current_service", lambda: service)
+    reached = []
 
-    stop = time.monotonic() + SECONDS
+    async def app(scope, receive, send):
+        reached.append(scope["path"])
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
 
-    def probe():
-        while time.monotonic() < stop:
-            answer = headers_only()
-            if answer.startswith(b"HTTP/1.1 503"):
-                refused_unsent.append(answer)
+    guard = AddRetryAfter(AdmitWhenRoom(app, retry_after_s=1), retry_after_s=1)
 
-    prober = threading.Thread(target=probe)
-    prober.start()
-    goodput.run_load(storm_server, "storm", load, SECONDS)
-    prober.join()
-    assert refused_unsent, "no request was refused from its headers alone while the storm filled the service"
-    assert all(b"retry-after" in answer.lower() for answer in refused_unsent)
+    async def call() -> tuple[int, dict, int]:
+        received, sent = [0], []
+
+        async def receive():
+            received[0] += 1
+            return {"type": "http.request", "body": b"x" * 1000, "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/classify",
+                 "headers": [(b"content-length", b"1000")]}
+        await guard(scope, receive, send)
+        start = sent[0]
+        return start["status"], dict(start.get("headers", [])), received[0]
+
+    async def scenario():
+        held = await admission.enter(10)  # a second of work in flight: the cap (10 units) is full
+        status, headers, received = await call()
+        assert (status, received) == (503, 0) and headers[b"retry-after"] == b"1"
+        assert reached == []
+        waiting = asyncio.create_task(call())
+        await asyncio.sleep(0.05)
+        admission.release(held, served=True)  # room, while it waits in line: admitted
+        status, _, received = await waiting
+        assert (status, received) == (200, 1) and reached == ["/classify"]
+        assert admission.requests == 0 and admission.inflight == 0
+
+    asyncio.run(scenario())
