@@ -67,7 +67,7 @@ class ServiceMetrics:
                                           multiprocess_mode="livesum")
         self.admission_load = prom.Gauge(
             "cnn_admission_load",
-            "Predicted time to answer the admitted images over the latency budget (1 = full: refusing).",
+            "Admitted work over what the worker admits, its cap held to the latency budget (1 = full).",
             multiprocess_mode="livemax",
         )
         self.gpu_allocated = prom.Gauge("cnn_gpu_memory_allocated_bytes", "GPU memory held by tensors.",
