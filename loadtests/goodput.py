@@ -43,10 +43,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loadtests.bench import cpu_seconds
+from loadtests.hogs import start_hogs
 from testkit.server import ROOT, ServerProcess
 
 BUDGET_MS = 3000
-HOG = "import numpy as np\na = np.random.rand(384, 384)\nwhile True:\n    a @ a\n"
 
 
 @dataclass(frozen=True)
@@ -168,8 +169,7 @@ class Hog:
 
     def tick(self, second: int) -> None:
         if second == self.start_s:
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-            self.processes = [subprocess.Popen([sys.executable, "-c", HOG], env=env) for _ in range(self.cores)]
+            self.processes = start_hogs(self.cores)
         elif second == self.stop_s:
             self.close()
 
@@ -180,30 +180,15 @@ class Hog:
         self.processes = []
 
 
-def cpu_seconds(root_pid: int) -> float:
-    """CPU seconds so far of the server's whole process tree."""
-    import psutil
-
-    root = psutil.Process(root_pid)
-    total = 0.0
-    for process in [root, *root.children(recursive=True)]:
-        try:
-            times = process.cpu_times()
-            total += times.user + times.system + times.children_user + times.children_system
-        except psutil.NoSuchProcess:
-            continue
-    return total
-
-
 def measure(server: ServerProcess, groups: dict[Clients, list], seconds: float, hog: Hog | None = None) -> dict:
     """One load on a running server: per group, and in all; CPU per served unit of work."""
-    before = cpu_seconds(server.process.pid)
+    before = sum(cpu_seconds(server.process.pid).values())
     try:
         tallies = asyncio.run(run_clients(server.url, groups, seconds, hog.tick if hog else None))
     finally:
         if hog:
             hog.close()
-    cpu = cpu_seconds(server.process.pid) - before
+    cpu = sum(cpu_seconds(server.process.pid).values()) - before
     served = sum(t.served_work for t in tallies.values())
     timeline = collections.Counter()
     for tally in tallies.values():

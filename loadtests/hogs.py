@@ -18,6 +18,12 @@ import sys
 HOG = "import numpy as np\na = np.random.rand(384, 384)\nwhile True:\n    a @ a\n"
 
 
+def start_hogs(count: int) -> list[subprocess.Popen]:
+    """`count` single-threaded CPU-bound processes; the caller kills them."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return [subprocess.Popen([sys.executable, "-c", HOG], env=env) for _ in range(count)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtests.hogs", description=__doc__.split("\n")[0])
     parser.add_argument("--hogs", type=int, default=os.cpu_count() or 1, help="CPU-bound processes (default: cores)")
@@ -26,8 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("give a command after --")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    hogs = [subprocess.Popen([sys.executable, "-c", HOG], env=env) for _ in range(args.hogs)]
+    hogs = start_hogs(args.hogs)
     print(f"{len(hogs)} CPU hog(s) running: {[h.pid for h in hogs]}", flush=True)
     try:
         return subprocess.call(command)
