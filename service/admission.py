@@ -48,12 +48,11 @@ from dataclasses import dataclass
 
 @dataclass
 class Ticket:
-    """One admitted request's charge. `estimated`: charged at the door from its body's size, not yet
-    settled to its exact cost."""
+    """One admitted request's charge: at the door, an estimate from its body's size; once the request
+    is parsed, its exact cost (`Admission.settle`)."""
     units: float
     label: str = ""
     body_bytes: int = 0
-    estimated: bool = True
     admitted_at: float = 0.0
     queued: bool = False  # admitted while others were in flight
 
@@ -175,7 +174,6 @@ class Admission:
             observed = units / ticket.body_bytes
             self._units_per_body_byte[ticket.label] = observed if learned is None else 0.8 * learned + 0.2 * observed
         extra = units - ticket.units
-        ticket.estimated = False
         alone = self.requests <= 1  # nothing else in flight: it is served, however large
         if extra > ticket.units and not alone and self.inflight + extra > self.cap:
             return False

@@ -163,7 +163,6 @@ class ExplainResult:
     signed: bool
     layer_map: np.ndarray | None  # Grad-CAM: at the layer's resolution, in [0, 1]
     version: ModelVersion  # the version that computed it
-    compute_seconds: float = 0.0  # the time it took (this process's backend; 0 from the model service)
 
 
 @dataclass
@@ -240,7 +239,7 @@ class LocalBackend(_Versions):
         found, seconds = await anyio.to_thread.run_sync(timed, limiter=self._attributions)
         self._observe_work(f"explain:{request.method}", request.cost(image.shape[0]), seconds)
         return ExplainResult(found.class_index, found.probability, found.input_map.numpy(), found.signed,
-                             None if found.layer_map is None else found.layer_map.numpy(), version, seconds)
+                             None if found.layer_map is None else found.layer_map.numpy(), version)
 
     async def kernels(self, layer: str) -> np.ndarray:
         return self.version().predictor.kernels(layer).numpy()
