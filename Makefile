@@ -142,7 +142,7 @@ bench-peers: $(INSTALLED)
 	-$(MAKE) --no-print-directory $(PEERS)/triton/.onnxruntime $(PEERS)/onnx-export/.installed
 	-PYTHONPATH=$(PEERS)/onnx-export $(PY) -m loadtests.triton_peer export
 	$(PY) -m loadtests.oip_bench --models null torchvision --paths oip_uint8 --precisions fp32 auto \
-	  --max-latency-ms 30000 --seconds 6 --peer triton $(BENCH_ARGS)
+	  --api-workers 0 1 --max-latency-ms 30000 --seconds 6 --peer triton $(BENCH_ARGS)
 
 # On a CUDA machine: the GPU tests, then the benchmark, then a short report (reports/gpu-check.txt).
 gpu-check: $(INSTALLED)

@@ -55,6 +55,9 @@ CONCURRENCY = (1, 8, 32, 64)
 # scenario with the default budget.
 DEFAULT_SERVER_ENV = {"MAX_LATENCY_MS": "3000"}
 DECODE_SIZES = ((640, 480), (1280, 960), (3000, 2000))
+# Seconds each load runs before it is counted: the same clients, so that what is measured is the steady
+# state, with the connections spread over the API workers (service.guards.RecycleConnections).
+SETTLE_S = 3.0
 # The peer comparison's loads, (clients, images per request): issue 19's table.
 PEER_LOADS = ((1, 1), (32, 1), (4, 8), (32, 8))
 
@@ -102,18 +105,24 @@ def request_photo_decode_ms(preset: str) -> float:
 
 
 async def closed_loop(url: str, bodies: list[tuple[bytes, dict]], clients: int, seconds: float,
-                      images_per_request: int = 1) -> dict:
+                      images_per_request: int = 1, settle: float = 0.0, on_start=None) -> dict:
     """`clients` closed-loop clients POSTing (body, headers) pairs in turn to `url` for `seconds`, each
     sending its next request as soon as the last one returned -- a 503 is retried at once, Retry-After
     ignored. Only 200s count as served; each body carries `images_per_request` images. `statuses`
     counts the answers by HTTP status, and "exception" for requests that got none (connection
     errors, time-outs); `errors` is every request that was not a 200. Latency percentiles are of the
-    accepted (200) requests."""
+    accepted (200) requests.
+
+    With `settle`, the same clients first run that many seconds uncounted, and `on_start()` (in a
+    thread: e.g. reading the server's CPU counters) marks where counting begins: a steady state,
+    with the server's connections spread over its workers (service.guards.RecycleConnections) --
+    not the start-up burst, which a fresh set of connections would repeat."""
     import aiohttp
 
     latencies: list[float] = []
     statuses: dict[str, int] = {}
-    stop = time.perf_counter() + seconds
+    counting_from = time.perf_counter() + settle
+    stop = counting_from + seconds
 
     async def client(index: int, session) -> None:
         i = index
@@ -127,15 +136,21 @@ async def closed_loop(url: str, bodies: list[tuple[bytes, dict]], clients: int, 
                     status = str(resp.status)
             except (aiohttp.ClientError, TimeoutError):
                 status = "exception"
+            if start < counting_from:
+                continue
             if status == "200":
                 latencies.append(time.perf_counter() - start)
             statuses[status] = statuses.get(status, 0) + 1
 
+    async def mark_start() -> None:
+        await asyncio.sleep(max(0.0, counting_from - time.perf_counter()))
+        if on_start is not None:
+            await asyncio.to_thread(on_start)
+
     connector = aiohttp.TCPConnector(limit=clients)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
-        started = time.perf_counter()
-        await asyncio.gather(*(client(i, session) for i in range(clients)))
-        elapsed = time.perf_counter() - started
+        await asyncio.gather(mark_start(), *(client(i, session) for i in range(clients)))
+        elapsed = time.perf_counter() - counting_from
     latencies.sort()
 
     def pct(q):
@@ -181,16 +196,7 @@ def service_levels(preset: str, reports: Path, seconds: float, env: dict[str, st
         asyncio.run(closed_loop(f"{server.url}/classify", bodies, 4, 2.0))  # warm the connection pool and the server
         rows = []
         for clients in concurrency:
-            before_metrics, before_cpu = metric_samples(server.url), cpu_seconds(server.process.pid)
-            row = asyncio.run(closed_loop(f"{server.url}/classify", bodies, clients, seconds))
-            after_cpu, after_metrics = cpu_seconds(server.process.pid), metric_samples(server.url)
-            served = max(1, row["requests"])
-            row["cpu_ms_per_image"] = {k: 1000 * (after_cpu[k] - before_cpu[k]) / served for k in after_cpu}
-            row["cpu_ms_per_image"]["total"] = sum(row["cpu_ms_per_image"].values())
-            batches = metric_sum(after_metrics, "cnn_batch_size_count") - metric_sum(before_metrics,
-                                                                                       "cnn_batch_size_count")
-            images = metric_sum(after_metrics, "cnn_batch_size_sum") - metric_sum(before_metrics, "cnn_batch_size_sum")
-            row["mean_batch_size"] = images / batches if batches else float("nan")
+            row = measure_load(server, bodies, clients, 1, seconds, "cnn_batch_size_count", "cnn_batch_size_sum")
             rows.append(row)
             print(f"  {label}, {clients:3d} clients: {row['images_per_s']:7.1f} img/s, p50 {row['p50_ms']:.1f} ms, "
                   f"p99 {row['p99_ms']:.1f} ms, batch {row['mean_batch_size']:.1f}, errors {row['errors']}, "
@@ -216,13 +222,18 @@ def multipart_bodies(per_request: int) -> list[tuple[bytes, dict]]:
 
 
 def measure_load(server: ServerProcess, bodies, clients: int, per_request: int, seconds: float,
-                 batches_metric: str, images_metric: str | None) -> dict:
+                 batches_metric: str, images_metric: str | None, settle: float = SETTLE_S) -> dict:
     """One closed-loop load on /classify, with the server's CPU per served image over its process tree
     and the mean images per batch it formed (from `images_metric` / `batches_metric`; without an
-    images metric, served images / batches)."""
-    before_metrics, before_cpu = metric_samples(server.url), cpu_seconds(server.process.pid)
-    row = asyncio.run(closed_loop(f"{server.url}/classify", bodies, clients, seconds, per_request))
+    images metric, served images / batches). Counted after `settle` seconds of the same load (closed_loop)."""
+    before: dict = {}
+
+    def start() -> None:
+        before.update(metrics=metric_samples(server.url), cpu=cpu_seconds(server.process.pid))
+
+    row = asyncio.run(closed_loop(f"{server.url}/classify", bodies, clients, seconds, per_request, settle, start))
     after_cpu, after_metrics = cpu_seconds(server.process.pid), metric_samples(server.url)
+    before_cpu, before_metrics = before["cpu"], before["metrics"]
     served = max(1, row["images"])
     row["cpu_ms_per_image"] = {k: 1000 * (after_cpu[k] - before_cpu[k]) / served for k in after_cpu}
     row["cpu_ms_per_image"]["total"] = sum(row["cpu_ms_per_image"].values())
@@ -396,16 +407,17 @@ def main() -> None:
 
 def efficiency(results: dict, reports: Path, seconds: float, env: dict[str, str]) -> dict:
     """Issue 19's budget: the server's CPU per image at 32 single-image clients against the model's own
-    CPU per image at its best batch plus the null model's (the frontend alone, same layout), per preset.
+    CPU per image at its best batch plus the null model's (the frontend alone: the same preset's
+    checkpoint, so the same decoding to its input size, and the same layout), per preset.
     Target: at most 1.15x."""
     out = {}
-    null_rows = service_levels("small", reports, seconds, {**env, "NULL_MODEL": "1"}, (32,), "null_default")
-    null_cpu = null_rows[0]["cpu_ms_per_image"]["total"]
     for preset, entry in results["service"].items():
         served = [row for row in entry["levels"] if row["clients"] == 32]
         ours = {k: v for k, v in results["forward"]["predictors"].items() if k.startswith(preset + "/")}
         if not served or not ours:
             continue
+        null_rows = service_levels(preset, reports, seconds, {**env, "NULL_MODEL": "1"}, (32,), f"null_{preset}")
+        null_cpu = null_rows[0]["cpu_ms_per_image"]["total"]
         name, best = max(ours.items(), key=lambda item: item[1]["best"])
         model_cpu = forward.cpu_per_image(preset, name.split("/")[1], best["best_batch"])
         server_cpu = served[0]["cpu_ms_per_image"]["total"]

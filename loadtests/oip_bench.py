@@ -36,7 +36,7 @@ import platform
 import struct
 from pathlib import Path
 
-from loadtests.bench import closed_loop, cpu_seconds
+from loadtests.bench import SETTLE_S, closed_loop, cpu_seconds
 from testkit.images import photos
 from testkit.models import untrained_checkpoint
 from testkit.server import ROOT, ServerProcess
@@ -81,9 +81,12 @@ def request_bodies(path: str, per_request: int, input_size: int, resize_size: in
     return bodies
 
 
-def measure(url: str, root_pid: int, bodies, clients: int, per_request: int, seconds: float) -> dict:
-    before = cpu_seconds(root_pid)
-    row = asyncio.run(closed_loop(url, bodies, clients, seconds))
+def measure(url: str, root_pid: int, bodies, clients: int, per_request: int, seconds: float,
+            settle: float = SETTLE_S) -> dict:
+    """One closed-loop load, counted after `settle` seconds of it (loadtests.bench.closed_loop)."""
+    before: dict = {}
+    row = asyncio.run(closed_loop(url, bodies, clients, seconds, settle=settle,
+                                  on_start=lambda: before.update(cpu_seconds(root_pid))))
     after = cpu_seconds(root_pid)
     images = max(1, row["requests"] * per_request)
     row["images_per_s"] = row["requests_per_s"] * per_request
@@ -91,13 +94,14 @@ def measure(url: str, root_pid: int, bodies, clients: int, per_request: int, sec
     return row
 
 
-def run_model(model: str, args, precision: str | None = None) -> list[dict]:
+def run_model(model: str, args, precision: str | None = None, api_workers: int = 0) -> list[dict]:
     preset, env = MODELS[model]
     checkpoint = untrained_checkpoint(preset, args.reports / "models" / preset)
     server_env = {**os.environ, "CHECKPOINT_DIR": str(checkpoint), "BENTOML_DO_NOT_TRACK": "True", **SERVER_ENV,
-                  "MAX_LATENCY_MS": str(args.max_latency_ms), **env, **({"PRECISION": precision} if precision else {})}
+                  "MAX_LATENCY_MS": str(args.max_latency_ms), **env, **({"PRECISION": precision} if precision else {}),
+                  **({"API_WORKERS": str(api_workers)} if api_workers else {})}
     server = ServerProcess(server_env, args.reports / f"oip_bench_{model}{'_' + precision if precision else ''}"
-                                                      f"_server.log")
+                                                      f"{f'_w{api_workers}' if api_workers else ''}_server.log")
     rows = []
     try:
         server.wait_ready(timeout=300)
@@ -105,9 +109,11 @@ def run_model(model: str, args, precision: str | None = None) -> list[dict]:
 
         name = "cnn-classifier"  # a checkpoint directory serves under the store's name (service.oip)
         prep = httpx.get(f"{server.url}/v2/models/{name}", timeout=30).json()["parameters"]
-        computed = httpx.get(f"{server.url}/model", timeout=30).json().get("precision", {})
+        described = httpx.get(f"{server.url}/model", timeout=30).json()
+        computed = described.get("precision", {})
         # what the model computes in, and what asked for it ("bf16 (auto)", "fp32 (fp32)"); none for the null model
         served = "-" if env.get("NULL_MODEL") else f"{computed.get('name')} ({computed.get('requested')})"
+        workers = described["layout"]["api_workers"]
         for path in args.paths:
             url = f"{server.url}/classify" if path == "multipart" else f"{server.url}/v2/models/{name}/infer"
             for per_request in args.per_request:
@@ -115,9 +121,11 @@ def run_model(model: str, args, precision: str | None = None) -> list[dict]:
                 asyncio.run(closed_loop(url, bodies, 2, 1.0))  # warm the path
                 for clients in args.clients:
                     row = measure(url, server.process.pid, bodies, clients, per_request, args.seconds)
-                    row.update(model=model, path=path, per_request=per_request, precision=served)
+                    row.update(model=model, path=path, per_request=per_request, precision=served,
+                               workers=workers)
                     rows.append(row)
-                    print(f"  {model:11s} {served:11s} {path:9s} {per_request} img/req {clients:3d} clients: "
+                    print(f"  {model:11s} {served:11s} {workers} workers {path:9s} {per_request} img/req "
+                          f"{clients:3d} clients: "
                           f"{row['images_per_s']:7.1f} img/s, p50 {row['p50_ms']:6.1f} ms, p99 {row['p99_ms']:6.1f} ms,"
                           f" server {row['cpu_ms_per_image']:.3f} core-ms/img, errors {row['errors']}", flush=True)
     finally:
@@ -126,10 +134,11 @@ def run_model(model: str, args, precision: str | None = None) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = [("model              precision          path       img/req clients    img/s   p50 ms   p99 ms  "
+    lines = [("model              precision          workers path       img/req clients    img/s   p50 ms   p99 ms  "
               "core-ms/img  errors")]
     for r in rows:
-        lines.append(f"{r['model']:18s} {r.get('precision', '-'):18s} {r['path']:10s} {r['per_request']:7d} {r['clients']:7d} "
+        lines.append(f"{r['model']:18s} {r.get('precision', '-'):18s} {str(r.get('workers', '-')):7s} {r['path']:10s} "
+                     f"{r['per_request']:7d} {r['clients']:7d} "
                      f"{r['images_per_s']:8.1f} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} {r['cpu_ms_per_image']:12.3f} "
                      f"{r['errors']:7d}")
     return "\n".join(lines)
@@ -147,6 +156,8 @@ def main() -> None:
     parser.add_argument("--max-latency-ms", type=int, default=int(SERVER_ENV["MAX_LATENCY_MS"]),
                         help="the service's latency budget: high enough that it admits every request (a slow "
                              "model at 32 clients x 8 images queues for seconds; Triton queues without limit)")
+    parser.add_argument("--api-workers", type=int, nargs="+", default=[0],
+                        help="serve each real model once per API worker count (0: the layout's default, one per core)")
     parser.add_argument("--peer", choices=["triton"], help="also run OIP UINT8 against Triton itself")
     parser.add_argument("--reports", type=Path, default=ROOT / "reports")
     args = parser.parse_args()
@@ -156,7 +167,8 @@ def main() -> None:
     for model in args.models:
         for precision in (args.precisions or [None])[:1 if MODELS[model][1].get("NULL_MODEL") else None]:
             print(f"{model}: this service{f', PRECISION={precision}' if precision else ''}", flush=True)
-            results["rows"] += run_model(model, args, precision)
+            for api_workers in args.api_workers[:1 if MODELS[model][1].get("NULL_MODEL") else None]:
+                results["rows"] += run_model(model, args, precision, api_workers)
     if args.peer == "triton":
         from loadtests import triton_peer
 

@@ -169,7 +169,8 @@ async def infer(request: Request) -> Response:
             if tensor.name == "pixels":
                 pixels = tensor.uint8()  # as the client cropped them: no decoding, no resizing
             else:
-                pixels = await service._decode(ENDPOINT, tensor.bytes_elements())
+                with service.backend.batcher.expecting(count if plan.predicts else 0):
+                    pixels = await service._decode(ENDPOINT, tensor.bytes_elements())
             predicted = await service.backend.predict(pixels) if plan.predicts else None
             maps = await oip_infer.feature_maps(service, pixels, plan) if plan.layers else {}
         service.metrics.images.labels(ENDPOINT).inc(count)

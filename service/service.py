@@ -313,7 +313,9 @@ class CNNService:
     async def _predict(self, endpoint: str, images, images_base64) -> Predictions:
         payloads = collect_payloads(images, images_base64, True, self.config.max_images_per_request)
         async with self._admitted(len(payloads), sum(len(data) for data in payloads)):
-            return await self.backend.predict(await self._decode(endpoint, payloads))
+            with self.backend.batcher.expecting(len(payloads)):  # a deep queue's next batch may wait for them
+                pixels = await self._decode(endpoint, payloads)
+            return await self.backend.predict(pixels)
 
     async def _classify(self, images, images_base64, top_k: int) -> ClassifyResponse:
         return self._top_k(await self._predict("classify", images, images_base64), top_k)

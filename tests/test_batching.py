@@ -113,3 +113,85 @@ def test_a_cancelled_request_is_left_out_of_its_batch():
         assert model.batches == [[1], [3]]
 
     asyncio.run(main())
+
+
+# ----- a deep queue's batch waits for images on their way (service.batching's "target") ---------
+
+HANG_GUARD_S = 20  # far above any wait these tests expect: only a batcher that waits for nothing trips it
+
+
+def test_a_batch_waits_for_images_announced_as_on_their_way():
+    async def main():
+        model = SlowModel(seconds=0.01)
+        batcher = Batcher(model.forward, split, max_batch_size=8, max_latency_s=60, gather_s=30)
+
+        async def request(value: int, decode_s: float):
+            with batcher.expecting(1):  # admitted, decoding
+                await asyncio.sleep(decode_s)
+            return await batcher.submit(images(1, value))
+
+        answers = await asyncio.wait_for(asyncio.gather(*(request(v, 0.02 * v) for v in (1, 2, 3))), HANG_GUARD_S)
+        assert answers == [[10], [20], [30]]
+        assert model.batches == [[1, 2, 3]]  # the first waited for the two still decoding
+
+    asyncio.run(main())
+
+
+def test_a_lone_request_never_waits_even_with_a_long_gather_limit():
+    async def main():
+        model = SlowModel(seconds=0.01)
+        batcher = Batcher(model.forward, split, max_batch_size=8, max_latency_s=60, gather_s=3600)
+        for value in (1, 2, 3):  # one client, one request at a time
+            assert await asyncio.wait_for(batcher.submit(images(1, value)), HANG_GUARD_S) == [value * 10]
+        assert model.batches == [[1], [2], [3]]
+
+    asyncio.run(main())
+
+
+def test_an_announcement_withdrawn_without_a_submit_ends_the_wait():
+    async def main():
+        model = SlowModel(seconds=0.01)
+        batcher = Batcher(model.forward, split, max_batch_size=8, max_latency_s=60, gather_s=3600)
+
+        async def refused_while_decoding():
+            with pytest.raises(ValueError):
+                with batcher.expecting(1):
+                    await asyncio.sleep(0.05)
+                    raise ValueError("not an image")
+
+        refused = asyncio.ensure_future(refused_while_decoding())
+        await asyncio.sleep(0)  # announced
+        assert await asyncio.wait_for(batcher.submit(images(1, 7)), HANG_GUARD_S) == [70]
+        await refused
+        assert model.batches == [[7]]
+
+    asyncio.run(main())
+
+
+def test_clients_whose_answers_just_went_out_are_waited_for():
+    """Closed-loop clients: eight requests were present at once a moment ago, so when the first of
+    them comes back the batcher waits for the rest instead of running it alone."""
+    async def main():
+        model = SlowModel(seconds=0.01)
+        batcher = Batcher(model.forward, split, max_batch_size=8, max_latency_s=60, gather_s=30)
+
+        async def client(value: int):
+            first = await batcher.submit(images(1, value))
+            await asyncio.sleep(0.01 * value)  # the answer's way back and the next request's way in
+            return first, await batcher.submit(images(1, value))
+
+        await asyncio.wait_for(asyncio.gather(*(client(v) for v in range(8))), HANG_GUARD_S)
+        assert model.batches == [list(range(8)), list(range(8))]
+
+    asyncio.run(main())
+
+
+def test_a_batch_waits_no_longer_than_the_gather_limit():
+    async def main():
+        model = SlowModel(seconds=0.01)
+        batcher = Batcher(model.forward, split, max_batch_size=8, max_latency_s=60, gather_s=0.05)
+        with batcher.expecting(5):  # announced, never submitted within the limit
+            assert await asyncio.wait_for(batcher.submit(images(1, 4)), HANG_GUARD_S) == [40]
+        assert model.batches == [[4]]
+
+    asyncio.run(main())

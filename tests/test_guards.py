@@ -11,7 +11,8 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from service import endpoints
-from service.guards import AddRetryAfter, CheckMultipart, LimitBody, RequireApiKey, UniformErrors
+from service.guards import (AddRetryAfter, CheckMultipart, LimitBody, RecycleConnections, RequireApiKey,
+                            UniformErrors)
 
 KEY = "k3y"
 
@@ -89,3 +90,15 @@ def test_every_503_carries_retry_after_and_errors_are_uniform():
     app = UniformErrors(AddRetryAfter(inner, retry_after_s=2))
     assert _call(app, "GET", "/busy").headers["retry-after"] == "2"
     assert _call(app, "GET", "/bad").json() == {"error": "bad", "detail": "body.top_k: too small"}
+
+
+def test_a_connection_is_closed_after_its_nth_answer_and_counted_afresh():
+    app = RecycleConnections(_app("/livez"), max_requests=3)
+
+    async def go():  # one client, one connection ("client" in the ASGI scope: the same host and port)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            return [(await client.get("/livez")).headers.get("connection") for _ in range(7)]
+
+    assert asyncio.run(go()) == [None, None, "close", None, None, "close", None]
+    never = RecycleConnections(_app("/livez"), max_requests=0)
+    assert all(_call(never, "GET", "/livez").headers.get("connection") is None for _ in range(5))

@@ -304,6 +304,28 @@ def test_concurrent_requests_are_batched(server):
     assert batches < 96 and singles < batches, "some forward passes must have carried more than one image"
 
 
+def test_keep_alive_connections_are_recycled_so_they_spread_over_the_workers(server):
+    """service.guards.RecycleConnections in the real server: the default's Nth answer on one keep-alive
+    connection says `Connection: close`, and the server closes it (the client reconnects: to whichever
+    worker accepts first)."""
+    import http.client
+    import socket
+    from urllib.parse import urlsplit
+
+    limit = ServiceConfig().connection_max_requests
+    address = urlsplit(server.url)
+    with socket.create_connection((address.hostname, address.port), timeout=30) as sock:
+        said = []
+        for _ in range(limit):
+            sock.sendall(f"GET /livez HTTP/1.1\r\nHost: {address.netloc}\r\n\r\n".encode())
+            response = http.client.HTTPResponse(sock)
+            response.begin()
+            response.read()
+            said.append((response.status, response.getheader("connection")))
+        assert said == [(200, None)] * (limit - 1) + [(200, "close")]
+        assert sock.recv(1) == b""  # closed by the server
+
+
 def test_metrics_move_by_expected_amounts(server, tiny_run):
     before = metric_samples(server.url)
     files = [("images", (f"{i}.png", shape_png(i), "image/png")) for i in range(3)]
