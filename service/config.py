@@ -83,9 +83,9 @@ class ServiceConfig:
     forward_threads: int = 1  # batches in flight at once per model worker
     torch_threads: int = 0  # intra-op threads per forward; 0 = every core
     max_concurrency: int = 256  # requests in flight per API worker before BentoML answers 503
-    # Answers per keep-alive connection before it is closed, so that connections rebalance over the
-    # API workers (service.guards.RecycleConnections); 0: never.
-    connection_max_requests: int = 32
+    # Close connections of a worker that serves more than its share of them, so that they spread over
+    # the API workers (service.guards.SpreadConnections).
+    spread_connections: bool = True
     request_timeout_s: int = 30
     retry_after_s: int = 1
     api_key: str | None = field(default=None, repr=False)
@@ -113,7 +113,7 @@ class ServiceConfig:
             max_image_pixels=_int("MAX_IMAGE_PIXELS", cls.max_image_pixels),
             max_feature_map_bytes=_int("MAX_FEATURE_MAP_BYTES", cls.max_feature_map_bytes),
             max_concurrency=_int("MAX_CONCURRENCY", cls.max_concurrency),
-            connection_max_requests=_int("CONNECTION_MAX_REQUESTS", cls.connection_max_requests),
+            spread_connections=os.environ.get("SPREAD_CONNECTIONS", "1") not in ("", "0"),
             forward_threads=_int("FORWARD_THREADS", cls.forward_threads),
             torch_threads=_int("TORCH_THREADS", cls.torch_threads),
             request_timeout_s=_int("REQUEST_TIMEOUT_S", cls.request_timeout_s),

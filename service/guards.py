@@ -1,8 +1,8 @@
 """HTTP guards in front of every endpoint, one ASGI middleware per job, added in
 service.service in the order they run:
 
-  RecycleConnections  `Connection: close` on a keep-alive connection's Nth answer, so that
-                  connections rebalance over the API workers
+  SpreadConnections  `Connection: close` on an answer of a worker serving more than its share of
+                  the client connections, so that they spread over the API workers
   UniformErrors   every error body as the documented {"error", "detail"} (the Open Inference
                   Protocol's paths, /v2/..., answer its {"error": "..."} instead; service.oip)
   AmendDocs       /docs.json amended with what BentoML cannot know (service.rewrites)
@@ -58,33 +58,39 @@ class _Guard:
         await (refusal.oip_response() if oip else refusal.response())(scope, receive, send)
 
 
-class RecycleConnections(_Guard):
-    """Close each keep-alive connection after `max_requests` answers (nginx's `keepalive_requests`,
-    gRPC's MAX_CONNECTION_AGE), so that clients reconnect and the connections spread over the API
-    workers. The workers share one listening socket (BentoML's circus socket): a connection goes to
-    whichever worker accepts first, and a burst of connections at once -- 32 clients starting together
-    -- can all land on one worker (seen: 28 on one and 4 on the other, for the whole run) while the
-    other idles; the batches that worker forms are then a few images each. A reconnect goes to the
-    worker that is free to accept it first, the less busy one, so recycling evens the load out."""
+class SpreadConnections(_Guard):
+    """Keep each API worker's share of the client connections even (service.connection_board): a
+    worker that serves more active connections than its share closes the connection of the request
+    at hand (`Connection: close` on its answer), one answer at a time, until it is back to its share;
+    the client reconnects, to whichever worker accepts first. No connection is closed while the
+    workers are even, so steady clients keep theirs."""
 
-    MAX_TRACKED = 4096  # connections remembered per worker (those that close early are forgotten in turn)
-
-    def __init__(self, app, max_requests: int):
+    def __init__(self, app, workers: int):
         super().__init__(app)
-        self.max_requests = max_requests
-        self._served: dict = {}  # (client host, port) -> answers on that connection so far
+        self.workers = workers
+        self._board = None  # opened in the worker process, on its first request
+
+    def board(self):
+        if self._board is None:
+            import bentoml
+
+            from service.connection_board import ConnectionBoard
+            from service.versions import ControlDir
+
+            slot = (bentoml.server_context.worker_index or 1) - 1
+            self._board = ConnectionBoard(ControlDir.for_this_server().path / "connections", self.workers,
+                                          slot % self.workers)
+        return self._board
 
     async def guard(self, scope, receive, send):
         client = scope.get("client")
-        if not self.max_requests or client is None:
+        if self.workers < 2 or client is None:
             return await self.app(scope, receive, send)
-        key = tuple(client)
-        count = self._served.pop(key, 0) + 1
-        if count < self.max_requests:
-            self._served[key] = count  # to the end: the least recently used connection is first
-            if len(self._served) > self.MAX_TRACKED:
-                del self._served[next(iter(self._served))]
+        board, connection = self.board(), tuple(client)
+        board.saw(connection)
+        if not board.over_share():
             return await self.app(scope, receive, send)
+        board.forget(connection)
 
         async def closing(message):
             if message["type"] == "http.response.start":
@@ -348,9 +354,9 @@ def _multipart_boundary(content_type: bytes) -> bytes | None:
     return None
 
 
-def add_guards(service_class, config) -> None:
+def add_guards(service_class, config, layout) -> None:
     """Put the guards in front of the service, outermost first (BentoML's add_asgi_middleware)."""
-    service_class.add_asgi_middleware(RecycleConnections, max_requests=config.connection_max_requests)
+    service_class.add_asgi_middleware(SpreadConnections, workers=layout.api_workers if config.spread_connections else 1)
     service_class.add_asgi_middleware(UniformErrors)
     service_class.add_asgi_middleware(AmendDocs)
     service_class.add_asgi_middleware(AddRetryAfter, retry_after_s=config.retry_after_s)

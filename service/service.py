@@ -362,4 +362,4 @@ class CNNService:
             self.metrics.observe_batch(images, forward_seconds)
 
 
-add_guards(CNNService, CONFIG)
+add_guards(CNNService, CONFIG, LAYOUT)

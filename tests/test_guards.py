@@ -11,7 +11,8 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from service import endpoints
-from service.guards import (AddRetryAfter, CheckMultipart, LimitBody, RecycleConnections, RequireApiKey,
+from service.connection_board import ConnectionBoard
+from service.guards import (AddRetryAfter, CheckMultipart, LimitBody, RequireApiKey, SpreadConnections,
                             UniformErrors)
 
 KEY = "k3y"
@@ -92,13 +93,49 @@ def test_every_503_carries_retry_after_and_errors_are_uniform():
     assert _call(app, "GET", "/bad").json() == {"error": "bad", "detail": "body.top_k: too small"}
 
 
-def test_a_connection_is_closed_after_its_nth_answer_and_counted_afresh():
-    app = RecycleConnections(_app("/livez"), max_requests=3)
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
 
-    async def go():  # one client, one connection ("client" in the ASGI scope: the same host and port)
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
-            return [(await client.get("/livez")).headers.get("connection") for _ in range(7)]
+    def __call__(self):
+        return self.now
 
-    assert asyncio.run(go()) == [None, None, "close", None, None, "close", None]
-    never = RecycleConnections(_app("/livez"), max_requests=0)
-    assert all(_call(never, "GET", "/livez").headers.get("connection") is None for _ in range(5))
+
+def test_the_board_counts_each_workers_active_connections_and_its_share(tmp_path):
+    clock = FakeClock()
+    first, second = (ConnectionBoard(tmp_path / "connections", 2, slot, clock) for slot in (0, 1))
+    for port in range(5):
+        first.saw(("127.0.0.1", port))
+    assert first.over_share()  # 5 of 5: its share is 3
+    second.saw(("127.0.0.1", 100))
+    assert first.over_share() and not second.over_share()  # 5 and 1 of 6: shares of 3
+    for port in range(3):
+        first.forget(("127.0.0.1", port))
+    assert not first.over_share() and not second.over_share()  # 2 and 1 of 3: shares of 2
+    clock.now += 2 * ConnectionBoard.WINDOW_S  # the second worker heard nothing since: it counts as none
+    first.saw(("127.0.0.1", 3))
+    assert len(first._seen) == 1  # connections idle for the window are not counted
+    first.saw(("127.0.0.1", 4))
+    assert first.over_share()  # two connections, when the other worker serves none
+
+
+def test_a_worker_over_its_share_closes_one_connection_per_answer_and_no_more(tmp_path):
+    """Two workers (two guards sharing a board): the first takes four connections, the second one."""
+    first, second = SpreadConnections(_app("/livez"), workers=2), SpreadConnections(_app("/livez"), workers=2)
+    first._board, second._board = (ConnectionBoard(tmp_path / "connections", 2, slot) for slot in (0, 1))
+
+    def get(app, port: int) -> str | None:
+        async def go():
+            transport = httpx.ASGITransport(app=app, client=("127.0.0.1", port))
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                return (await client.get("/livez")).headers.get("connection")
+
+        return asyncio.run(go())
+
+    assert get(first, 1) is None  # 1 of 1
+    assert get(second, 9) is None  # 1 of 2
+    assert [get(first, port) for port in (2, 3, 4)] == [None, "close", "close"]  # 2 of 3 is its share; 3 of 4 not
+    assert get(first, 1) is None and get(first, 2) is None and get(second, 9) is None  # even: nobody is closed
+    alone = SpreadConnections(_app("/livez"), workers=1)  # one worker: nothing to spread, no board
+    assert all(_call(alone, "GET", "/livez").headers.get("connection") is None for _ in range(3))
+    assert alone._board is None

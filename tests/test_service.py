@@ -304,26 +304,48 @@ def test_concurrent_requests_are_batched(server):
     assert batches < 96 and singles < batches, "some forward passes must have carried more than one image"
 
 
-def test_keep_alive_connections_are_recycled_so_they_spread_over_the_workers(server):
-    """service.guards.RecycleConnections in the real server: the default's Nth answer on one keep-alive
-    connection says `Connection: close`, and the server closes it (the client reconnects: to whichever
-    worker accepts first)."""
+def test_client_connections_spread_evenly_over_the_api_workers(server):
+    """service.guards.SpreadConnections in the real server: keep-alive clients that reconnect when told
+    (`Connection: close`) end up spread evenly over the API workers, and then nobody is told again."""
     import http.client
     import socket
     from urllib.parse import urlsplit
 
-    limit = ServiceConfig().connection_max_requests
+    import psutil
+
     address = urlsplit(server.url)
-    with socket.create_connection((address.hostname, address.port), timeout=30) as sock:
-        said = []
-        for _ in range(limit):
-            sock.sendall(f"GET /livez HTTP/1.1\r\nHost: {address.netloc}\r\n\r\n".encode())
-            response = http.client.HTTPResponse(sock)
-            response.begin()
-            response.read()
-            said.append((response.status, response.getheader("connection")))
-        assert said == [(200, None)] * (limit - 1) + [(200, "close")]
-        assert sock.recv(1) == b""  # closed by the server
+    workers = server.worker_pids()
+    if len(workers) < 2:
+        pytest.skip("one API worker: nothing to spread")
+
+    def per_worker() -> list[int]:  # this test's connections, as each worker holds them
+        ours = {sock.getsockname()[1] for sock in sockets}
+        return [sum(1 for c in psutil.Process(pid).net_connections("tcp")
+                    if c.laddr.port == address.port and c.raddr and c.raddr.port in ours) for pid in workers]
+
+    def ask(sock) -> str | None:
+        sock.sendall(f"GET /livez HTTP/1.1\r\nHost: {address.netloc}\r\n\r\n".encode())
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        response.read()
+        assert response.status == 200
+        return response.getheader("connection")
+
+    clients = 4 * len(workers)
+    sockets = [socket.create_connection((address.hostname, address.port), timeout=30) for _ in range(clients)]
+    try:
+        for _ in range(200):  # a hang guard: each round moves a connection with even odds or better
+            for index, sock in enumerate(sockets):
+                if ask(sock) == "close":
+                    sock.close()
+                    sockets[index] = socket.create_connection((address.hostname, address.port), timeout=30)
+            if per_worker() == [4] * len(workers):
+                break
+        assert per_worker() == [4] * len(workers)
+        assert [ask(sock) for _ in range(3) for sock in sockets] == [None] * 3 * clients  # even: nobody is told
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def test_metrics_move_by_expected_amounts(server, tiny_run):
