@@ -31,7 +31,9 @@ _SLOT = struct.Struct("<qd")  # active connections, time.monotonic() when writte
 
 
 class ConnectionBoard:
-    WINDOW_S = 1.0
+    # A connection counts while it sent a request this recently: longer than a batch client waits for its
+    # answer (8-image requests under a 3 s budget), so steady clients do not flicker out between requests.
+    WINDOW_S = 5.0
 
     def __init__(self, path: Path, workers: int, slot: int, clock=time.monotonic):
         self.workers, self.slot, self._clock = workers, slot, clock
