@@ -16,8 +16,11 @@ Layout (LAYOUT):
           per image for the hop between processes). One worker per core, up
           to MAX_CPU_WORKERS (each holds a model), each forward free to use
           every core: on the 2-core dev VM two workers served 1.1-1.5x the
-          images of one at 32 clients (the frontend's Python is what a single
-          process runs out of first) and one client as fast.
+          images of one at 32 clients sending JPEGs (the frontend's Python is
+          what a single process runs out of first) and one client as fast.
+          Where the model dominates instead -- fp32 AlexNet fed tensors over
+          OIP -- one worker served 1.16x two (one batcher sees every client:
+          batches of 32, not 16; BENCHMARKS.md): set API_WORKERS=1 there.
   split   API workers (decode, validation, responses; as many as the cores
           need) call a model service through `bentoml.depends`: one batched
           model worker per GPU. The frontend, not the GPU, runs out first on
