@@ -26,9 +26,11 @@ def _app(*paths: str) -> Starlette:
     return Starlette(routes=[Route(path, answer, methods=["GET", "POST"]) for path in paths])
 
 
-def _call(app, method: str, path: str, **kwargs) -> httpx.Response:
+def _call(app, method: str, path: str, peer: tuple[str, int] = ("127.0.0.1", 123), **kwargs) -> httpx.Response:
+    """One request to `app`, from the client address `peer` (one address: one connection)."""
     async def go():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        transport = httpx.ASGITransport(app=app, client=peer)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             return await client.request(method, path, **kwargs)
 
     return asyncio.run(go())
@@ -125,12 +127,7 @@ def test_a_worker_over_its_share_closes_one_connection_per_answer_and_no_more(tm
     first._board, second._board = (ConnectionBoard(tmp_path / "connections", 2, slot) for slot in (0, 1))
 
     def get(app, port: int) -> str | None:
-        async def go():
-            transport = httpx.ASGITransport(app=app, client=("127.0.0.1", port))
-            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-                return (await client.get("/livez")).headers.get("connection")
-
-        return asyncio.run(go())
+        return _call(app, "GET", "/livez", peer=("127.0.0.1", port)).headers.get("connection")
 
     assert get(first, 1) is None  # 1 of 1
     assert get(second, 9) is None  # 1 of 2
