@@ -53,13 +53,15 @@ class BatchOutput:
 
 
 class Predictor:
-    def __init__(self, checkpoint: Checkpoint, device: torch.device, precision: str = "auto", parallel: int = 1):
+    def __init__(self, checkpoint: Checkpoint, device: torch.device, precision: str = "auto", parallel: int = 1,
+                 full_batch: int = 32):
         self.manifest = checkpoint.manifest
         self.device = device
         recorded = self.manifest.training.get("precision_agreement")
         self.precision = precisions.resolve(precision, device, recorded)
         self.reference = checkpoint.model.to(device).eval()
-        self.model = inference_model(checkpoint.model, self.manifest.preprocessing, self.precision.dtype, device)
+        self.model = inference_model(checkpoint.model, self.manifest.preprocessing, self.precision.dtype, device,
+                                     full_batch=full_batch)
         self.normalizer = Normalizer(self.manifest.preprocessing)
         self.input_size = self.manifest.preprocessing.input_size
         self._lock = threading.BoundedSemaphore(parallel)
@@ -149,7 +151,8 @@ class NullPredictor(Predictor):
     """A model that costs nothing, for measuring the frontend alone (NULL_MODEL=1; the habit
     of Triton's identity backend): uniform probabilities, zero embeddings, no forward pass."""
 
-    def __init__(self, checkpoint: Checkpoint, device: torch.device, precision: str = "auto", parallel: int = 1):
+    def __init__(self, checkpoint: Checkpoint, device: torch.device, precision: str = "auto", parallel: int = 1,
+                 full_batch: int = 32):
         self.manifest = checkpoint.manifest
         self.device = torch.device("cpu")
         self.precision = precisions.Precision("fp32", precision, "null model: nothing is computed")

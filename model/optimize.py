@@ -16,6 +16,8 @@ maps, probabilities and embeddings keep their meaning:
     outer ring of conv1's map -- and does not depend on the image, so it is
     precomputed once and added to that ring.
   - LRN runs as a compiled GEMM on CPUs (model.lrn).
+  - On a CPU in fp32, the fully connected layers' weights are packed once for
+    the GEMM at the full batch's size (`PackedLinear`).
   - Weights are cast to the serving precision and laid out channels-last.
 """
 
@@ -78,6 +80,45 @@ class RawPixelConv(nn.Module):
         return out
 
 
+class PackedLinear(nn.Module):
+    """A fully connected layer (fp32, CPU) whose weight matrix is packed once for MKL's GEMM.
+
+    A GEMM rearranges its weight matrix into the blocked layout its kernel
+    reads on every call: for AlexNet's head (fc6-fc8, 58 M weights, 234 MB in
+    fp32) that is the whole matrix read and written again per batch, a large
+    share of the head's time. Packed once, the 2-core development VM ran the
+    head at 1.16 core-ms per image at batch 32 instead of 1.59, and at batch 8
+    3.1 instead of 5.7 (BENCHMARKS.md). MKL's packed GEMM serves the row count
+    it was packed for, so the weights are packed for a few (`rows`: the
+    batcher's full batch, and half of it, what each of two API workers fills
+    when they share the clients); a batch is padded with zero rows up to the
+    smallest of them that holds it, when it is at least a quarter of that --
+    at small batches the head's cost is reading its weights, not the
+    arithmetic, so 32 packed rows cost less than 8 unpacked -- and runs
+    unpacked otherwise. The rows computed are the same numbers either way."""
+
+    def __init__(self, linear: nn.Linear, rows: tuple[int, ...]):
+        super().__init__()
+        # No copy where the layer's tensors are fp32 and contiguous already: they are shared.
+        self.weight = nn.Parameter(linear.weight.detach().float().contiguous(), requires_grad=False)
+        self.bias = nn.Parameter(linear.bias.detach().float().contiguous(), requires_grad=False)
+        self.packed = {n: torch.ops.mkl._mkl_reorder_linear_weight(self.weight, n) for n in sorted(set(rows)) if n > 0}
+
+    @staticmethod
+    def available() -> bool:
+        return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        for rows, packed in self.packed.items():  # smallest first
+            if n <= rows:
+                if n < rows // 4:
+                    break
+                padded = x if n == rows else torch.cat([x, x.new_zeros(rows - n, x.shape[1])])
+                return torch.ops.mkl._mkl_linear(padded, packed, self.weight, self.bias, rows)[:n]
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
 def fold_batchnorm(net: AlexNet) -> None:
     """conv_i -> bn_i becomes one conv (bn_i an identity), in place."""
     modules = dict(net.named_children())
@@ -89,13 +130,22 @@ def fold_batchnorm(net: AlexNet) -> None:
 
 
 def inference_model(net: AlexNet, prep: Preprocessing, dtype: torch.dtype, device: torch.device,
-                    compile_lrn: bool = True) -> AlexNet:
+                    compile_lrn: bool = True, full_batch: int | None = None) -> AlexNet:
     """A copy of `net` for serving: takes raw pixels (0..255) in `dtype`, channels-last, on `device`.
-    `compile_lrn`: compile the LRN layers on a CPU (worth it for a server, not for one evaluation)."""
+    `compile_lrn`: compile the LRN layers on a CPU (worth it for a server, not for one evaluation).
+    `full_batch`: the batch size that runs most under load; on a CPU in fp32 the fully connected
+    layers are packed for it (PackedLinear)."""
     fast = copy.deepcopy(net).eval().float().cpu()
     fold_batchnorm(fast)
     fast.conv1 = RawPixelConv(fast.conv1, prep)
     for module in fast.modules():
         if isinstance(module, LocalResponseNorm):
             module.compile(compile_lrn and device.type == "cpu")
-    return fast.to(device=device, dtype=dtype, memory_format=torch.channels_last)
+    fast = fast.to(device=device, dtype=dtype, memory_format=torch.channels_last)
+    if full_batch and device.type == "cpu" and dtype == torch.float32 and PackedLinear.available():
+        for name, module in list(fast.named_children()):
+            if isinstance(module, nn.Linear):
+                # `net`'s own layer, not the copy: fp32 on the CPU already, so its weights are shared
+                # with `net` (the Predictor's reference network) rather than held twice.
+                setattr(fast, name, PackedLinear(getattr(net, name), (full_batch, full_batch // 2)))
+    return fast

@@ -65,7 +65,8 @@ def build_predictor(config: ServiceConfig, checkpoint: Checkpoint, device: torch
     if device.type == "cpu":
         configure_cpu_threads(config.torch_threads or cpu_threads)
     kind = NullPredictor if config.null_model else Predictor
-    predictor = kind(checkpoint, device, config.precision, parallel=config.forward_threads)
+    predictor = kind(checkpoint, device, config.precision, parallel=config.forward_threads,
+                     full_batch=config.max_batch_size)
     predictor.warm_up((1, min(8, config.max_batch_size)))
     return predictor
 

@@ -12,7 +12,7 @@ from model.checkpoint import Checkpoint, Manifest, load_checkpoint
 from model.config import get_preset
 from model.inference import Predictor
 from model.network import AlexNet
-from model.optimize import inference_model
+from model.optimize import PackedLinear, inference_model
 from model.preprocess import Normalizer
 
 CPU = torch.device("cpu")
@@ -89,6 +89,32 @@ def test_folded_serving_network_computes_the_trained_function(preset):
     ring_error = (uncorrected[:, :, 0, :] - expected["conv1"][:, :, 0, :]).abs().max() / scale
     interior = (uncorrected[:, :, 1:-1, 1:-1] - expected["conv1"][:, :, 1:-1, 1:-1]).abs().max() / scale
     assert ring_error > 1e-3 and interior < 1e-5
+
+
+@pytest.mark.skipif(not PackedLinear.available(), reason="this torch has no MKL packed GEMM")
+def test_packed_fully_connected_layers_compute_what_the_linear_layers_do():
+    """fp32 on a CPU: the head's weights are packed for the full batch and half of it, shared with the
+    reference network (no second copy); every batch size gives nn.Linear's numbers -- padded up to a
+    packed size (a quarter of it or more), exactly a packed size, or unpacked (smaller, larger)."""
+    checkpoint = _random_checkpoint("small")
+    prep = checkpoint.manifest.preprocessing
+    fast = inference_model(checkpoint.model, prep, torch.float32, CPU, compile_lrn=False, full_batch=8)
+    fc6 = fast.fc6
+    assert isinstance(fc6, PackedLinear) and sorted(fc6.packed) == [4, 8]
+    assert fc6.weight.data_ptr() == checkpoint.model.fc6.weight.data_ptr()
+    assert not isinstance(inference_model(checkpoint.model, prep, torch.bfloat16, CPU, compile_lrn=False,
+                                          full_batch=8).fc6, PackedLinear)  # MKL packs fp32 only
+    for rows in (1, 2, 3, 4, 5, 8, 9, 20):
+        x = torch.randn(rows, checkpoint.model.fc6.in_features)
+        with torch.inference_mode():
+            torch.testing.assert_close(fc6(x), checkpoint.model.fc6(x), atol=1e-5, rtol=1e-5)
+    plain = inference_model(checkpoint.model, prep, torch.float32, CPU, compile_lrn=False)
+    assert isinstance(plain.fc6, torch.nn.Linear)  # no full batch given: nothing packed
+    pixels = torch.randint(0, 256, (6, 3, prep.input_size, prep.input_size), dtype=torch.float32)
+    logits = checkpoint.model.logits_layer
+    with torch.inference_mode():
+        torch.testing.assert_close(fast.extract(pixels, {logits: "post_relu"})[logits],
+                                   plain.extract(pixels, {logits: "post_relu"})[logits], atol=1e-5, rtol=1e-5)
 
 
 def test_predictor_returns_float32_whatever_it_computes_in():
