@@ -99,9 +99,9 @@ class PackedLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, rows: tuple[int, ...]):
         super().__init__()
-        # No copy where the layer's tensors are fp32 and contiguous already: they are shared.
-        self.weight = nn.Parameter(linear.weight.detach().float().contiguous(), requires_grad=False)
-        self.bias = nn.Parameter(linear.bias.detach().float().contiguous(), requires_grad=False)
+        # No copy where the layer's tensors are fp32, on the CPU and contiguous already: they are shared.
+        self.weight = nn.Parameter(linear.weight.detach().to("cpu", torch.float32).contiguous(), requires_grad=False)
+        self.bias = nn.Parameter(linear.bias.detach().to("cpu", torch.float32).contiguous(), requires_grad=False)
         self.packed = {n: torch.ops.mkl._mkl_reorder_linear_weight(self.weight, n) for n in sorted(set(rows)) if n > 0}
 
     @staticmethod
@@ -145,7 +145,7 @@ def inference_model(net: AlexNet, prep: Preprocessing, dtype: torch.dtype, devic
     if full_batch and device.type == "cpu" and dtype == torch.float32 and PackedLinear.available():
         for name, module in list(fast.named_children()):
             if isinstance(module, nn.Linear):
-                # `net`'s own layer, not the copy: fp32 on the CPU already, so its weights are shared
-                # with `net` (the Predictor's reference network) rather than held twice.
+                # `net`'s own layer, not the copy: where it is fp32 on the CPU already, its weights are
+                # shared with `net` (the Predictor's reference network) rather than held twice.
                 setattr(fast, name, PackedLinear(getattr(net, name), (full_batch, full_batch // 2)))
     return fast
