@@ -264,6 +264,7 @@ def run_scenario(name: str, preset: str, reports: Path, seconds: float, env: dic
     result["reference_goodput"] = best["goodput"]
     result["over_reference"] = result["goodput"] / best["goodput"]
     result["reference_cpu_ms_per_unit"] = best["server_cpu_ms_per_unit"]
+    result["reference_groups"] = {label: round(g["goodput"], 1) for label, g in best["groups"].items()}
     return result
 
 
@@ -299,7 +300,7 @@ def describe(name: str, result: dict) -> str:
                        for label, g in result["groups"].items())
     line = (f"{name}: goodput {result['goodput']:.1f}/s = {result['over_reference']:.2f} x reference "
             f"{result['reference_goodput']:.1f}/s; server CPU {result['server_cpu_ms_per_unit']:.2f} core-ms/unit "
-            f"(reference {result['reference_cpu_ms_per_unit']:.2f}); {groups}")
+            f"(reference {result['reference_cpu_ms_per_unit']:.2f}, {result['reference_groups']}); {groups}")
     if "after_hog_over_before" in result:
         line += f"; after the hog / before: {result['after_hog_over_before']:.2f}; timeline {result['timeline']}"
     return line

@@ -6,6 +6,13 @@ its encoded bytes' decoding converted into forward-pass equivalents (a 3000x2000
 JPEG costs more to decode than a 640x480 one; an occlusion map costs its 64
 passes). A worker admits requests while the units in flight stay within its
 *cap*; beyond it a request waits in line or is refused (503 + Retry-After).
+A request also takes its share of the *lane* of the model it runs in, and a
+lane holds no more than keeps it busy: the batcher's (/classify, /embed, the
+Open Inference Protocol's infer) its images, a full batch and a quarter per
+worker where the model shares the CPU's cores with the decoding, two full
+batches where it runs on a GPU (ServiceConfig.batches_in_flight); the
+attributions' (/explain, /gradcam, computed one at a time on the machine)
+one request per worker (the other workers' are next).
 
 The cap is set by what admitted requests really take, not by a model of the
 service: in each half second, the 90th percentile of the time from admission
@@ -20,6 +27,22 @@ estimate built from the forward pass's speed alone, which both over-admitted
 where decoding dominates (accepted requests waited twice the budget) and,
 once it refused, sank with every slow batch: under a retry storm of batch
 requests the service collapsed to a third of its capacity.
+
+The cap alone, held to a latency target, admits whatever answers in time. Where
+the model is fast enough that a retry storm never fills the budget (bf16 on a
+CPU with AMX at a 3 s budget: the cap at 29% load), that was every request
+the clients sent -- 360 units in flight over two workers where 150 kept the
+batches as full -- and the extra concurrency cost the storm 10% more CPU per
+image than polite clients' (more decodes at once, more connections served,
+the same batches of 32). The lanes' bounds stop there: on a CPU, images
+decoding beside the forward take the cores it needs, and images beyond the
+next batch only wait in memory, decoded; at the door, body unread, they cost
+nothing.
+(BENCHMARKS.md, goodput: "where the storm's extra CPU goes".) Likewise more
+occlusion maps would only queue for their turn -- and their answers'
+lateness would shrink the cap that the batches share. Work in
+no lane (/feature_maps: one quick forward) is held to the cap only. A request
+held back by its lane holds back only the requests of its lane behind it.
 
 The rest of the design keeps refusals cheap, so that clients retrying at once
 (a retry storm) cannot eat the capacity:
@@ -55,6 +78,8 @@ class Ticket:
     body_bytes: int = 0
     admitted_at: float = 0.0
     queued: bool = False  # admitted while others were in flight
+    lane: str = ""  # the lane of the model it runs in (service.endpoints), if any
+    share: float = 0.0  # what it takes of the lane: images (the batcher's), requests (the attributions')
 
 
 # The ticket of the request being handled: set by the door (service.guards), settled by the endpoint.
@@ -69,9 +94,11 @@ class Admission:
     MAX_SHRINK = 0.7
 
     def __init__(self, budget_seconds: float, initial_rate: float, wait_seconds: float = 0.0,
-                 decode_seconds_per_byte: float = 0.0, clock=time.monotonic):
+                 decode_seconds_per_byte: float = 0.0, lanes: dict[str, float] | None = None, clock=time.monotonic):
         self.budget_seconds = budget_seconds
         self.cap = max(1.0, initial_rate * budget_seconds)  # units in flight; judged from here on
+        self.lanes = dict(lanes or {})  # lane -> the most of its shares in flight (service.service)
+        self.in_lane = {lane: 0.0 for lane in self.lanes}  # shares in flight
         self.wait_seconds = wait_seconds
         self.decode_seconds_per_byte = decode_seconds_per_byte  # measured at start-up (service.decoding)
         self.forward_seconds_per_pass = 1 / max(initial_rate, 1e-3)
@@ -81,8 +108,9 @@ class Admission:
         self.requests = 0  # admitted and not yet answered
         self.recent_seconds = 0.0  # the last judged quantile of admission-to-answer
         self._clock = clock
-        self._waiters: collections.deque[tuple[float, asyncio.Future]] = collections.deque()
+        self._waiters: collections.deque[tuple[float, str, float, asyncio.Future]] = collections.deque()
         self._units_per_body_byte: dict[str, float] = {}
+        self._shares_per_body_byte: dict[str, float] = {}
         self._judged_since = clock()  # requests admitted before this were admitted under an older cap
         self._answer_seconds: dict[str, list[float]] = {}  # per endpoint
         self._queued_answers = 0  # how many of them were admitted behind others
@@ -115,40 +143,58 @@ class Admission:
 
     def door_estimate(self, label: str, body_bytes: int | None) -> float:
         """A request's units from its endpoint and Content-Length alone (before its body is read)."""
-        per_byte = self._units_per_body_byte.get(label)
-        if per_byte is None or not body_bytes:
-            return 1.0
-        return max(1.0, per_byte * body_bytes)
+        return _from_body(self._units_per_body_byte, label, body_bytes)
+
+    def door_share(self, label: str, body_bytes: int | None) -> float:
+        """A request's share of its lane (a batched request's images) from its endpoint and
+        Content-Length alone."""
+        return _from_body(self._shares_per_body_byte, label, body_bytes)
 
     # ----- admitting -----------------------------------------------------------------------------
 
-    def fits(self, units: float) -> bool:
-        # An idle worker takes any request, however large, so nothing is refused forever.
-        return self.requests == 0 or self.inflight + units <= self.cap
+    def _holds_back(self, units: float, lane: str = "", share: float = 0.0) -> str:
+        """What keeps a request out: "cap", "lane" (its lane's bound), or "" (it fits). An idle worker
+        takes any request, however large, and a lane holds a request back only while others are in
+        it, so nothing is refused forever."""
+        if self.requests == 0:
+            return ""
+        if self.inflight + units > self.cap:
+            return "cap"
+        taken = self.in_lane.get(lane, 0.0)
+        if share and taken and taken + share > self.lanes.get(lane, float("inf")):
+            return "lane"
+        return ""
 
-    def try_admit(self, units: float) -> bool:
-        """Admit now if it fits and nobody is waiting ahead of it."""
-        if self._waiters or not self.fits(units):
+    def fits(self, units: float, lane: str = "", share: float = 0.0) -> bool:
+        return not self._holds_back(units, lane, share)
+
+    def try_admit(self, units: float, lane: str = "", share: float = 0.0) -> bool:
+        """Admit now if it fits and nobody is waiting ahead of it who would be admitted first."""
+        if self._ahead_of(lane) or not self.fits(units, lane, share):
             return False
-        self._take(units)
+        self._take(units, lane, share)
         return True
 
-    async def enter(self, units: float, label: str = "", body_bytes: int = 0) -> Ticket | None:
-        """A ticket for `units`, at once or after waiting in line up to wait_seconds; None: refused."""
-        ticket = Ticket(units, label, body_bytes or 0, queued=self.requests > 0)
-        if not self.try_admit(units):
-            self._pressed = True
-            if not await self._wait_in_line(units):
+    async def enter(self, units: float, label: str = "", body_bytes: int = 0, lane: str = "",
+                    share: float = 0.0) -> Ticket | None:
+        """A ticket for `units` (and `share` of `lane`), at once or after waiting in line up to
+        wait_seconds; None: refused."""
+        ticket = Ticket(units, label, body_bytes or 0, queued=self.requests > 0, lane=lane, share=share)
+        if not self.try_admit(units, lane, share):
+            if self._holds_back(units, lane, share) == "cap":
+                self._pressed = True  # the cap, not a lane: only the cap's pressure may grow it
+            if not await self._wait_in_line(units, lane, share):
                 return None
             ticket.queued = True
         ticket.admitted_at = self._clock()
         return ticket
 
-    async def _wait_in_line(self, units: float) -> bool:
+    async def _wait_in_line(self, units: float, lane: str, share: float) -> bool:
         if self.wait_seconds <= 0:
             return False
         waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append((units, waiter))
+        entry = (units, lane, share, waiter)
+        self._waiters.append(entry)
         admitted = False
         try:
             done, _ = await asyncio.wait({waiter}, timeout=self.wait_seconds)
@@ -156,39 +202,46 @@ class Admission:
         finally:
             if not admitted:  # the wait ran out, or the client went away while waiting
                 if waiter.done() and not waiter.cancelled():  # room came just as it was cancelled
-                    self.inflight -= units
+                    self._give_back(units, lane, share)
                     self.requests -= 1
                 waiter.cancel()
                 try:
-                    self._waiters.remove((units, waiter))
+                    self._waiters.remove(entry)
                 except ValueError:
                     pass
                 self._wake()
         return admitted
 
-    def settle(self, ticket: Ticket, units: float) -> bool:
-        """Charge a parsed request its exact cost instead of the door's estimate. False: it turned out far
-        larger than estimated and does not fit (the caller refuses it; the door releases the ticket)."""
+    def settle(self, ticket: Ticket, units: float, share: float | None = None) -> bool:
+        """Charge a parsed request its exact cost (and share of its lane) instead of the door's
+        estimate. False: it turned out far larger than estimated and does not fit the cap (the caller
+        refuses it; the door releases the ticket)."""
         if ticket.body_bytes:
-            learned = self._units_per_body_byte.get(ticket.label)
-            observed = units / ticket.body_bytes
-            self._units_per_body_byte[ticket.label] = observed if learned is None else 0.8 * learned + 0.2 * observed
+            _learn(self._units_per_body_byte, ticket.label, units / ticket.body_bytes)
+            if share:
+                _learn(self._shares_per_body_byte, ticket.label, share / ticket.body_bytes)
         extra = units - ticket.units
         alone = self.requests <= 1  # nothing else in flight: it is served, however large
         if extra > ticket.units and not alone and self.inflight + extra > self.cap:
             return False
         self.inflight += extra
         ticket.units = units
-        if extra < 0:
-            self._wake()
+        if share is not None and ticket.lane in self.in_lane:
+            self.in_lane[ticket.lane] += share - ticket.share
+            ticket.share = share
+        self._wake()  # it may have turned out smaller than estimated
         return True
 
     def release(self, ticket: Ticket, served: bool) -> None:
         """The request is answered: its units leave; a served one's time from admission to answer
         judges the cap."""
         self.requests -= 1
-        self.inflight = max(0.0, self.inflight - ticket.units) if self.requests else 0.0
-        ticket.units = 0.0
+        if self.requests:
+            self._give_back(ticket.units, ticket.lane, ticket.share)
+        else:
+            self.inflight = 0.0
+            self.in_lane = dict.fromkeys(self.in_lane, 0.0)
+        ticket.units = ticket.share = 0.0
         now = self._clock()
         if served and ticket.admitted_at >= self._judged_since:
             self._answer_seconds.setdefault(ticket.label, []).append(now - ticket.admitted_at)
@@ -199,16 +252,16 @@ class Admission:
         self._wake()
 
     def load(self) -> float:
-        """Admitted work over what the worker admits (the cap): 1.0 is full (new requests wait or are
-        refused). The one number that says how busy an instance is whatever its speed: the
-        autoscaler's metric (deploy/kubernetes)."""
-        return self.inflight / self.cap
+        """Admitted work over what the worker admits (the cap, or a lane's bound, whichever is nearest
+        full): 1.0 is full (new requests wait or are refused). The one number that says how busy an
+        instance is whatever its speed: the autoscaler's metric (deploy/kubernetes)."""
+        return max([self.inflight / self.cap] + [self.in_lane[lane] / bound for lane, bound in self.lanes.items()])
 
     def full(self) -> bool:
         return not self.fits(1.0)
 
     def waiting(self) -> int:
-        return sum(1 for _, waiter in self._waiters if not waiter.done())
+        return sum(1 for *_, waiter in self._waiters if not waiter.done())
 
     def door_rates(self) -> dict[str, float]:
         """What the door has learned to charge per MB of body, per endpoint."""
@@ -233,21 +286,54 @@ class Admission:
         self._judged_since = now
 
     def _wake(self) -> None:
-        """Admit waiting requests, in arrival order, while the first of them fits."""
-        while self._waiters:
-            units, waiter = self._waiters[0]
+        """Admit waiting requests in arrival order. The first one the cap holds back stops the line;
+        one its lane holds back stops only its lane's requests behind it (an occlusion map behind a
+        batch of photos needs no room in the batches, only under the cap)."""
+        held_lanes = set()
+        for entry in list(self._waiters):
+            units, lane, share, waiter = entry
             if waiter.done():
-                self._waiters.popleft()
+                self._waiters.remove(entry)
                 continue
-            if not self.fits(units):
+            if lane in held_lanes:
+                continue
+            held = self._holds_back(units, lane, share)
+            if held == "cap":
                 return
-            self._waiters.popleft()
-            self._take(units)
+            if held == "lane":
+                held_lanes.add(lane)
+                continue
+            self._waiters.remove(entry)
+            self._take(units, lane, share)
             waiter.set_result(True)
 
-    def _take(self, units: float) -> None:
+    def _ahead_of(self, lane: str) -> bool:
+        """Is someone in line who goes first: one the cap holds back, or one of the same lane?"""
+        return any(not waiter.done() and ((lane and lane == their_lane) or self._holds_back(units) == "cap")
+                   for units, their_lane, _, waiter in self._waiters)
+
+    def _take(self, units: float, lane: str, share: float) -> None:
         self.inflight += units
+        if lane in self.in_lane:
+            self.in_lane[lane] += share
         self.requests += 1
+
+    def _give_back(self, units: float, lane: str, share: float) -> None:
+        self.inflight = max(0.0, self.inflight - units)
+        if lane in self.in_lane:
+            self.in_lane[lane] = max(0.0, self.in_lane[lane] - share)
+
+
+def _from_body(per_body_byte: dict[str, float], label: str, body_bytes: int | None) -> float:
+    per_byte = per_body_byte.get(label)
+    if per_byte is None or not body_bytes:
+        return 1.0
+    return max(1.0, per_byte * body_bytes)
+
+
+def _learn(per_body_byte: dict[str, float], label: str, observed: float) -> None:
+    learned = per_body_byte.get(label)
+    per_body_byte[label] = observed if learned is None else 0.8 * learned + 0.2 * observed
 
 
 def _quantile(values: list[float], q: float) -> float:

@@ -78,6 +78,10 @@ class ServiceConfig:
     # a second. Default (from_env): 15% of MAX_LATENCY_MS, so a request admitted at the end of its
     # wait is still answered within wait + ADMISSION_TARGET = 85% of the budget.
     admission_wait_ms: int = 150
+    # The batches' lane (service.admission): images in flight through the batcher, per worker, in full
+    # batches (MAX_BATCH_SIZE each); more only wait, decoded, at a cost. 0: chosen by where the model
+    # runs (`batches_in_flight`).
+    admission_batches: float = 0.0
     max_images_per_request: int = 64
     max_body_bytes: int = 32 * 1024 * 1024
     max_image_bytes: int = 20 * 1024 * 1024
@@ -93,6 +97,17 @@ class ServiceConfig:
     retry_after_s: int = 1
     api_key: str | None = field(default=None, repr=False)
     admin_key: str | None = field(default=None, repr=False)  # POST /admin/model (model updates); off when unset
+
+    def batches_in_flight(self, model_on_gpu: bool) -> float:
+        """ADMISSION_BATCHES, or: on a GPU, two full batches (one in the model, one decoding and gathering
+        on the CPU beside it); on a CPU, 1.25 -- there the decoding takes the very cores the forward
+        needs, so a second batch decoding beside the forward only slows it. Measured on the 2-core
+        machine, 32 clients x 8 images retrying at once (BENCHMARKS.md, goodput): goodput / the best
+        polite load's 0.96-0.97 with 1.25, 0.95 with 1.5, 0.93-0.97 with 2, 0.90-0.95 unbounded;
+        with 1, batches went out short (28 images of 32)."""
+        if self.admission_batches > 0:
+            return self.admission_batches
+        return 2.0 if model_on_gpu else 1.25
 
     @classmethod
     def from_env(cls) -> ServiceConfig:
@@ -110,6 +125,7 @@ class ServiceConfig:
             max_latency_ms=_int("MAX_LATENCY_MS", cls.max_latency_ms),
             admission_target=float(os.environ.get("ADMISSION_TARGET") or cls.admission_target),
             admission_wait_ms=_int("ADMISSION_WAIT_MS", _int("MAX_LATENCY_MS", cls.max_latency_ms) * 15 // 100),
+            admission_batches=float(os.environ.get("ADMISSION_BATCHES") or cls.admission_batches),
             max_images_per_request=_int("MAX_IMAGES_PER_REQUEST", cls.max_images_per_request),
             max_body_bytes=_int("MAX_BODY_BYTES", cls.max_body_bytes),
             max_image_bytes=_int("MAX_IMAGE_BYTES", cls.max_image_bytes),

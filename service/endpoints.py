@@ -25,6 +25,9 @@ class Endpoint:
     # run the model. Admission then charges each request its cost (service.service._admitted).
     sheddable: bool = False
     cost: str = ""  # what admission charges one request, in single-image forward passes (for the spec)
+    # The lane of the model it runs in, whose bound admission also holds it to (service.admission):
+    # "batch" (its images go through the batcher) or "attribution" (one at a time per worker).
+    lane: str = ""
     prefix: bool = False  # also every path under it (mounted static files)
     admin: bool = False  # needs ADMIN_KEY (not API_KEY), and is off when none is set
     pattern: str = ""  # a regular expression the whole path must match instead (paths with parameters)
@@ -43,13 +46,13 @@ class Endpoint:
 
 ENDPOINTS: tuple[Endpoint, ...] = (
     # inference: the model runs
-    Endpoint("/classify", sheddable=True, cost="one forward pass per image"),
-    Endpoint("/embed", sheddable=True, cost="one forward pass per image"),
+    Endpoint("/classify", sheddable=True, lane="batch", cost="one forward pass per image"),
+    Endpoint("/embed", sheddable=True, lane="batch", cost="one forward pass per image"),
     Endpoint("/feature_maps", sheddable=True, cost="one forward pass"),
-    Endpoint("/gradcam", sheddable=True, cost="three forward passes (Grad-CAM: a forward and a backward pass)"),
-    Endpoint("/explain", sheddable=True, cost="the method's forward passes (`forward_passes` in the answer)"),
+    Endpoint("/gradcam", sheddable=True, lane="attribution", cost="three forward passes (Grad-CAM: a forward and a backward pass)"),
+    Endpoint("/explain", sheddable=True, lane="attribution", cost="the method's forward passes (`forward_passes` in the answer)"),
     # the Open Inference Protocol (service.oip): infer needs the key and sheds like the others; health is open
-    Endpoint("/v2/models/{name}[/versions/{version}]/infer", sheddable=True, metric="v2_infer",
+    Endpoint("/v2/models/{name}[/versions/{version}]/infer", sheddable=True, lane="batch", metric="v2_infer",
              pattern=r"/v2/models/[^/]+(/versions/[^/]+)?/infer",
              cost="one forward pass per image (two with feature maps)"),
     Endpoint("/v2/health/live", "GET", open=True),

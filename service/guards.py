@@ -188,8 +188,10 @@ class AdmitWhenRoom(_Guard):
         admission = getattr(service, "admission", None)
         if admission is None:
             return await self.app(scope, receive, send)
-        label, body_bytes = endpoints.find(path).label, _content_length(scope) or 0
-        ticket = await admission.enter(admission.door_estimate(label, body_bytes), label, body_bytes)
+        endpoint, body_bytes = endpoints.find(path), _content_length(scope) or 0
+        label, lane = endpoint.label, endpoint.lane
+        ticket = await admission.enter(admission.door_estimate(label, body_bytes), label, body_bytes, lane,
+                                       admission.door_share(label, body_bytes) if lane else 0.0)
         if ticket is None:
             service.metrics.refusals.labels(label, "overloaded").inc()
             return await self.refuse(Refusal.overloaded(self.retry_after_s), scope, receive, send)

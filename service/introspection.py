@@ -29,9 +29,12 @@ UI_DIR = Path(__file__).parent / "ui"
 
 def admission_state(admission) -> dict:
     """Admission control's state in this worker (service.admission): work in single-image forward-pass
-    equivalents (decoding included), the cap on it, the time answers took, the line at the door."""
+    equivalents (decoding included), the cap on it, what is in each lane of the model (images in the
+    batcher's, requests in the attributions') and its bound, the time answers took, the line at the door."""
     return {"inflight_requests": admission.requests, "inflight_units": round(admission.inflight, 2),
             "cap_units": round(admission.cap, 1), "target_seconds": admission.budget_seconds,
+            "lanes": {lane: {"in_flight": round(admission.in_lane[lane], 1), "bound": bound}
+                      for lane, bound in admission.lanes.items()},
             "recent_answer_seconds": round(admission.recent_seconds, 3),
             "waiting": admission.waiting(), "wait_seconds": admission.wait_seconds,
             "decode_units_per_mb": round(admission.units(0, 1_000_000), 2),

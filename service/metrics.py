@@ -67,7 +67,8 @@ class ServiceMetrics:
                                           multiprocess_mode="livesum")
         self.admission_load = prom.Gauge(
             "cnn_admission_load",
-            "Admitted work over what the worker admits, its cap held to the latency budget (1 = full).",
+            "Admitted work over what the worker admits -- its cap held to the latency budget, or a lane "
+            "of the model's bound (service.admission), whichever is nearer full (1 = full).",
             multiprocess_mode="livemax",
         )
         self.gpu_allocated = prom.Gauge("cnn_gpu_memory_allocated_bytes", "GPU memory held by tensors.",

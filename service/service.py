@@ -34,7 +34,8 @@ from service.explain import gradcam as gradcam_image
 from service.admission import TICKET, Admission
 from model import store
 from service.backend import (
-    LocalBackend, ModelVersion, Predictions, RemoteBackend, build_predictor, load_or_exit, load_version, locate_model,
+    ATTRIBUTIONS_AT_ONCE, LocalBackend, ModelVersion, Predictions, RemoteBackend, build_predictor, load_or_exit,
+    load_version, locate_model,
 )
 from service.config import CONFIG, Layout
 from service.decoding import Decoder, decode_seconds_per_byte
@@ -44,7 +45,7 @@ from service.inputs import collect_payloads
 from service.introspection import introspection_app
 from service.oip import oip_app
 from service.metrics import ServiceMetrics
-from service.versions import follow_versions
+from service.versions import ControlDir, follow_versions
 from service.schemas import (
     ClassifyResponse, EmbedResponse, ExplainMethod, ExplainResponse, FeatureFormat, FeatureMapsResponse,
     GradCamResponse, ImagePrediction, LabelScore, Stage,
@@ -106,16 +107,21 @@ class CNNService:
             predictor = build_predictor(CONFIG, load_or_exit(MODEL_PATH), self.device, cpu_threads=os.cpu_count() or 1)
             version = ModelVersion.loaded(MODEL_TAG, MODEL_PATH, predictor)
             self.backend = LocalBackend(version, CONFIG, self._observe_batch,
-                                        lambda kind, passes, seconds: self.admission.observe_work(kind, passes, seconds))
+                                        lambda kind, passes, seconds: self.admission.observe_work(kind, passes, seconds),
+                                        attribution_lock=ControlDir.for_this_server().path / "attribution.lock")
             probe = predictor.predict(torch.zeros(8, 3, predictor.input_size, predictor.input_size,
                                                   dtype=torch.uint8))
             initial_rate = 8 / probe.forward_seconds
             self.metrics.announce_model(version.tag, predictor, self.device.type)
         limits = DecodeLimits(max_bytes=CONFIG.max_image_bytes, max_pixels=CONFIG.max_image_pixels)
         # Each worker measures its own completion rate (service.admission), so each takes the whole budget.
+        # The model's lanes: the batcher's images, the attributions' requests (one per worker: computed
+        # one at a time on the machine, the other workers' are next).
+        lanes = {"batch": CONFIG.batches_in_flight(self.device.type == "cuda") * CONFIG.max_batch_size,
+                 "attribution": ATTRIBUTIONS_AT_ONCE}
         self.admission = Admission(budget, initial_rate, wait_seconds=CONFIG.admission_wait_ms / 1000,
                                    decode_seconds_per_byte=decode_seconds_per_byte(
-                                       version.manifest.preprocessing, limits))
+                                       version.manifest.preprocessing, limits), lanes=lanes)
         self.input_size = version.manifest.preprocessing.input_size  # the same for every version it may move to
         gpu = self.device if self.device.type == "cuda" and CONFIG.gpu_decode != "off" else None
         self.decoder = Decoder(version.manifest.preprocessing, limits, gpu)
@@ -282,21 +288,23 @@ class CNNService:
             return await respond(self, pixels, request)
 
         return await self._on_one_image(endpoint, image, image_base64, work, cost=request.cost(self.input_size),
-                                        kind=f"explain:{request.method}")
+                                        kind=f"explain:{request.method}", lane="attribution")
 
     @contextlib.asynccontextmanager
-    async def _admitted(self, forward_passes: float, encoded_bytes: int = 0, kind: str = ""):
-        """Charge this request its exact cost: settle the ticket the door (service.guards.AdmitWhenRoom)
-        gave it at an estimate, or, where no door ran, admit it here."""
+    async def _admitted(self, forward_passes: float, encoded_bytes: int = 0, kind: str = "",
+                        lane: str = "", share: float = 0.0):
+        """Charge this request its exact cost and its share of the model's `lane` (service.admission):
+        settle the ticket the door (service.guards.AdmitWhenRoom) gave it at an estimate, or, where no
+        door ran, admit it here."""
         units = self.admission.units(forward_passes, encoded_bytes, kind)
         ticket = TICKET.get()
         if ticket is not None:
-            if not self.admission.settle(ticket, units):
+            if not self.admission.settle(ticket, units, share if lane else None):
                 raise Refusal.overloaded(self.config.retry_after_s)
             self.metrics.observe_admission(self.admission)
             yield
             return
-        ticket = await self.admission.enter(units)
+        ticket = await self.admission.enter(units, lane=lane, share=share)
         if ticket is None:
             raise Refusal.overloaded(self.config.retry_after_s)
         served = False
@@ -312,7 +320,7 @@ class CNNService:
 
     async def _predict(self, endpoint: str, images, images_base64) -> Predictions:
         payloads = collect_payloads(images, images_base64, True, self.config.max_images_per_request)
-        async with self._admitted(len(payloads), sum(len(data) for data in payloads)):
+        async with self._admitted(len(payloads), sum(len(data) for data in payloads), lane="batch", share=len(payloads)):
             with self.backend.batcher.expecting(len(payloads)):  # a deep queue's next batch may wait for them
                 pixels = await self._decode(endpoint, payloads)
             return await self.backend.predict(pixels)
@@ -330,11 +338,12 @@ class CNNService:
                              dim=embeddings.shape[1],
                              normalized=normalize, embeddings=embeddings.tolist())
 
-    async def _on_one_image(self, endpoint: str, image, image_base64, work, cost: int = 1, kind: str = ""):
+    async def _on_one_image(self, endpoint: str, image, image_base64, work, cost: int = 1, kind: str = "",
+                            lane: str = ""):
         """One image (file or base64) through `work(pixels)`: admitted (as `cost` images' worth of
-        forward passes), decoded, timed and counted."""
+        forward passes, one request in `lane`), decoded, timed and counted."""
         data = collect_payloads([image] if image else None, [image_base64] if image_base64 else None, False)[0]
-        async with self._admitted(cost, len(data), kind):
+        async with self._admitted(cost, len(data), kind, lane, 1 if lane else 0):
             pixels = (await self._decode(endpoint, [data]))[0]
             with self.metrics.forward_seconds.labels(endpoint, self.metrics.device).time():
                 result = await work(pixels)

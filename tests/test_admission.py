@@ -1,11 +1,15 @@
-"""Admission control (service.admission): its arithmetic, its rate, and its line at the door, on a
-fake clock. The door in front of a real service is tested in tests/test_goodput.py."""
+"""Admission control (service.admission): its arithmetic, its rate, its line at the door and the
+model's lanes, on a fake clock. The door in front of a real service is tested in tests/test_goodput.py."""
 
 import asyncio
+import threading
+import time
 
 import pytest
 
 from service.admission import Admission
+from service.backend import _machine_wide
+from service.config import ServiceConfig
 
 
 class Clock:
@@ -149,3 +153,78 @@ def test_a_client_that_leaves_the_line_takes_nothing_with_it():
         assert admission.inflight == 0 and admission.requests == 0 and admission.waiting() == 0
 
     asyncio.run(scenario())
+
+
+def test_a_lane_holds_its_requests_at_its_bound_while_other_work_goes_by():
+    async def scenario():
+        # A cap far from full (100 units), the batches' lane bound to 8 images, the attributions' to 2.
+        admission = Admission(budget_seconds=1.0, initial_rate=100.0, wait_seconds=0.2,
+                              lanes={"batch": 8, "attribution": 2})
+        first = await admission.enter(4, "classify", lane="batch", share=4)
+        second = await admission.enter(4, "classify", lane="batch", share=4)
+        assert admission.in_lane["batch"] == 8 and admission.load() == 1.0
+        held = asyncio.create_task(admission.enter(4, "classify", lane="batch", share=4))
+        behind = asyncio.create_task(admission.enter(1, "classify", lane="batch", share=1))  # waits its turn
+        await asyncio.sleep(0.01)
+        assert admission.waiting() == 2
+        # Other lanes, and work in none, need only the cap: they go by the batches' line.
+        maps = [await admission.enter(17, "explain", lane="attribution", share=1) for _ in range(2)]
+        feature_maps = await admission.enter(1, "feature_maps")
+        assert None not in maps and feature_maps is not None and admission.waiting() == 2
+        third_map = asyncio.create_task(admission.enter(17, "explain", lane="attribution", share=1))
+        admission.release(first, served=True)  # four images' room: the batches' line in arrival order
+        assert (await held) is not None and (await behind) is None  # 9 > 8: it waited its 0.2 s in vain
+        assert (await third_map) is None  # two attributions in flight the whole time: refused too
+        assert admission.in_lane == {"batch": 8, "attribution": 2}
+        assert admission.inflight == 4 + 4 + 2 * 17 + 1
+        assert not admission._pressed  # held back by lanes, not the cap: the cap has no cause to grow
+        for ticket in (second, feature_maps, *maps):
+            admission.release(ticket, served=True)
+
+    asyncio.run(scenario())
+
+
+def test_a_request_larger_than_its_lane_is_served_once_the_lane_is_empty():
+    admission = Admission(budget_seconds=1.0, initial_rate=1000.0, lanes={"batch": 8})
+    explain = asyncio.run(admission.enter(17))
+    assert admission.try_admit(64, "batch", 64)  # only other work in flight: 64 images still go in
+    assert not admission.try_admit(1, "batch", 1)
+    admission.release(explain, served=True)
+
+
+def test_the_door_learns_a_batched_requests_images_from_its_body():
+    admission = Admission(budget_seconds=1.0, initial_rate=1000.0, lanes={"batch": 64})
+    assert admission.door_share("classify", 800_000) == 1.0  # nothing learned yet
+    ticket = asyncio.run(admission.enter(1.0, "classify", 800_000, lane="batch", share=1.0))
+    assert admission.settle(ticket, 11.0, share=8) and admission.in_lane["batch"] == 8
+    assert admission.door_share("classify", 800_000) == pytest.approx(8.0)
+    assert admission.door_share("embed", 800_000) == 1.0  # per endpoint
+    admission.release(ticket, served=True)
+    assert admission.in_lane["batch"] == 0 and admission.inflight == 0
+
+
+def test_the_batches_lane_holds_more_where_the_model_runs_beside_the_decoding_on_a_gpu():
+    assert ServiceConfig().batches_in_flight(model_on_gpu=False) == 1.25
+    assert ServiceConfig().batches_in_flight(model_on_gpu=True) == 2.0
+    assert ServiceConfig(admission_batches=3).batches_in_flight(model_on_gpu=False) == 3.0
+
+
+def test_attributions_take_turns_across_the_workers_of_a_machine(tmp_path):
+    # Two workers' attribution threads (an flock per open file: threads of one process exclude each
+    # other as processes do): their attributions never overlap.
+    lock = tmp_path / "attribution.lock"
+    held = []
+
+    def attribution(name):
+        with _machine_wide(lock):
+            held.append((name, "in"))
+            time.sleep(0.1)
+            held.append((name, "out"))
+
+    threads = [threading.Thread(target=attribution, args=(name,)) for name in "ab"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [step for _, step in held] == ["in", "out", "in", "out"]
+    assert held[0][0] == held[1][0] and held[2][0] == held[3][0]
