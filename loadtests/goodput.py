@@ -298,9 +298,10 @@ def describe(name: str, result: dict) -> str:
     groups = "; ".join(f"{label}: {g['goodput']:.1f}/s, statuses {g['statuses']}, accepted p50/p99 "
                        f"{g['accepted_p50_ms']:.0f}/{g['accepted_p99_ms']:.0f} ms, refused p50 {g['refused_p50_ms']:.0f} ms"
                        for label, g in result["groups"].items())
+    references = f", {result['reference_groups']}" if result.get("reference_groups") else ""
     line = (f"{name}: goodput {result['goodput']:.1f}/s = {result['over_reference']:.2f} x reference "
             f"{result['reference_goodput']:.1f}/s; server CPU {result['server_cpu_ms_per_unit']:.2f} core-ms/unit "
-            f"(reference {result['reference_cpu_ms_per_unit']:.2f}, {result['reference_groups']}); {groups}")
+            f"(reference {result['reference_cpu_ms_per_unit']:.2f}{references}); {groups}")
     if "after_hog_over_before" in result:
         line += f"; after the hog / before: {result['after_hog_over_before']:.2f}; timeline {result['timeline']}"
     return line

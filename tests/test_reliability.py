@@ -158,10 +158,11 @@ def test_sigterm_drains_in_flight_requests(own_server, tmp_path):
     # A slow model (AlexNet in fp32, one image per forward) and 8 requests of 8 images: about a
     # second of work, so requests are really in flight when SIGTERM lands. One API worker: the
     # in-flight count below is that worker's (with two, each request lands in either, and the other's
-    # images would be invisible to the poll).
+    # images would be invisible to the poll). A batches' lane of 64 images, so that admission takes all
+    # eight requests in at once (by default it holds 1.25 batches of one image: one request at a time).
     checkpoint = untrained_checkpoint("alexnet", tmp_path / "alexnet")
     server = own_server(CHECKPOINT_DIR=str(checkpoint), API_WORKERS="1", MAX_BATCH_SIZE="1",
-                        MAX_LATENCY_MS="30000", PRECISION="fp32")
+                        ADMISSION_BATCHES="64", MAX_LATENCY_MS="30000", PRECISION="fp32")
     files = [("images", (f"x{i}.png", shape_png(i), "image/png")) for i in range(8)]
     results: list[int | str] = []
     client = httpx.Client(base_url=server.url, timeout=120)  # thread-safe; one connection pool for all
