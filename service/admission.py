@@ -37,12 +37,11 @@ image than polite clients' (more decodes at once, more connections served,
 the same batches of 32). The lanes' bounds stop there: on a CPU, images
 decoding beside the forward take the cores it needs, and images beyond the
 next batch only wait in memory, decoded; at the door, body unread, they cost
-nothing.
-(BENCHMARKS.md, goodput: "where the storm's extra CPU goes".) Likewise more
+nothing (BENCHMARKS.md, goodput: "The model's lanes"). Likewise more
 occlusion maps would only queue for their turn -- and their answers'
-lateness would shrink the cap that the batches share. Work in
-no lane (/feature_maps: one quick forward) is held to the cap only. A request
-held back by its lane holds back only the requests of its lane behind it.
+lateness would shrink the cap that the batches share. Work in no lane
+(/feature_maps: one quick forward) is held to the cap only. A request held
+back by its lane holds back only the requests of its lane behind it.
 
 The rest of the design keeps refusals cheap, so that clients retrying at once
 (a retry storm) cannot eat the capacity:
@@ -299,6 +298,7 @@ class Admission:
                 continue
             held = self._holds_back(units, lane, share)
             if held == "cap":
+                self._pressed = True  # kept out by the cap (while its lane had room): the cap may grow
                 return
             if held == "lane":
                 held_lanes.add(lane)

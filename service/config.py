@@ -103,8 +103,8 @@ class ServiceConfig:
         on the CPU beside it); on a CPU, 1.25 -- there the decoding takes the very cores the forward
         needs, so a second batch decoding beside the forward only slows it. Measured on the 2-core
         machine, 32 clients x 8 images retrying at once (BENCHMARKS.md, goodput): goodput / the best
-        polite load's 0.96-0.97 with 1.25, 0.95 with 1.5, 0.93-0.97 with 2, 0.90-0.95 unbounded;
-        with 1, batches went out short (28 images of 32)."""
+        polite load's 0.96-0.97 with 1.25, 0.95 with 1.5, 0.90-0.97 with 2 (ten runs), 0.89 with no
+        bound; with 1, batches went out short (28 images of 32)."""
         if self.admission_batches > 0:
             return self.admission_batches
         return 2.0 if model_on_gpu else 1.25
