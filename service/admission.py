@@ -225,10 +225,13 @@ class Admission:
             return False
         self.inflight += extra
         ticket.units = units
+        shrunk = extra < 0
         if share is not None and ticket.lane in self.in_lane:
             self.in_lane[ticket.lane] += share - ticket.share
+            shrunk = shrunk or share < ticket.share
             ticket.share = share
-        self._wake()  # it may have turned out smaller than estimated
+        if shrunk:  # smaller than estimated: room for the line (grown, it can make none)
+            self._wake()
         return True
 
     def release(self, ticket: Ticket, served: bool) -> None:

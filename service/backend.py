@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import fcntl
 import time
 import dataclasses
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import anyio
 import numpy as np
@@ -37,14 +35,14 @@ from model.summary import LayerInfo, layer_table
 from service.atlas import Atlas
 from service.batching import Batcher
 from service.config import ServiceConfig
-from service.versions import check_compatible
+from service.versions import ControlDir, check_compatible
 
 # Attributions (/explain, /gradcam) computed at once on this machine, beside the batcher's forwards: each
 # uses every core, and eight occlusion maps side by side oversubscribed two cores and spent 1.7x the CPU
 # per unit of work (BENCHMARKS.md, goodput). One per worker was not enough: two workers computing one
 # each took twice the share of the cores from the batches that one did, so the goodput of a mix of
 # batches and occlusion maps depended on whether two /explain clients happened to connect to the same
-# worker (BENCHMARKS.md, goodput). So one per machine: a lock file shared by the server's workers.
+# worker (BENCHMARKS.md, goodput). So one per machine: they take turns on the server's control directory.
 # Admission holds the rest at the door (service.admission's lanes).
 ATTRIBUTIONS_AT_ONCE = 1
 
@@ -203,23 +201,9 @@ def _handed_over(answered: Predictions) -> Predictions:
     return mine
 
 
-@contextlib.contextmanager
-def _machine_wide(lock_path: Path | None) -> Iterator[None]:
-    """Held by one thread of one worker at a time (an flock; the kernel releases it if the holder dies)."""
-    if lock_path is None:
-        yield
-        return
-    with open(lock_path, "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 class LocalBackend(_Versions):
     def __init__(self, version: ModelVersion, config: ServiceConfig, observe_batch, observe_work=None,
-                 attribution_lock: Path | None = None):
+                 control: ControlDir | None = None):
         self.current = version
         self._observe = observe_batch
         self._observe_work = observe_work or (lambda kind, passes, seconds: None)
@@ -227,7 +211,7 @@ class LocalBackend(_Versions):
                                parallel=config.forward_threads, observe=self._observed)
         # Attributions: ATTRIBUTIONS_AT_ONCE, not in the batches' lane (batches behind them waited seconds).
         self._attributions = anyio.CapacityLimiter(ATTRIBUTIONS_AT_ONCE)  # this worker's
-        self._attribution_lock = attribution_lock  # the machine's (its workers')
+        self._control = control  # where the machine's workers take turns (None: this worker alone)
 
     async def _forward(self, batch: np.ndarray) -> _Batch:
         version = self.current  # a batch runs on one version, whatever is swapped in meanwhile
@@ -259,7 +243,7 @@ class LocalBackend(_Versions):
     async def explain(self, image: np.ndarray, request: AttributionRequest) -> ExplainResult:
         version = self.version()
         def timed():  # the time it computes, not the time it waited for its turn
-            with _machine_wide(self._attribution_lock):
+            with self._control.taking_turns("attribution") if self._control else contextlib.nullcontext():
                 start = time.perf_counter()
                 return version.predictor.explain(_chw(image), request), time.perf_counter() - start
 

@@ -26,7 +26,7 @@ class Endpoint:
     sheddable: bool = False
     cost: str = ""  # what admission charges one request, in single-image forward passes (for the spec)
     # The lane of the model it runs in, whose bound admission also holds it to (service.admission):
-    # "batch" (its images go through the batcher) or "attribution" (one at a time per worker).
+    # "batch" (its images go through the batcher) or "attribution" (one at a time on the machine).
     lane: str = ""
     prefix: bool = False  # also every path under it (mounted static files)
     admin: bool = False  # needs ADMIN_KEY (not API_KEY), and is off when none is set

@@ -108,7 +108,7 @@ class CNNService:
             version = ModelVersion.loaded(MODEL_TAG, MODEL_PATH, predictor)
             self.backend = LocalBackend(version, CONFIG, self._observe_batch,
                                         lambda kind, passes, seconds: self.admission.observe_work(kind, passes, seconds),
-                                        attribution_lock=ControlDir.for_this_server().path / "attribution.lock")
+                                        control=ControlDir.for_this_server())
             probe = predictor.predict(torch.zeros(8, 3, predictor.input_size, predictor.input_size,
                                                   dtype=torch.uint8))
             initial_rate = 8 / probe.forward_seconds

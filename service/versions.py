@@ -8,6 +8,10 @@ named after the `bentoml serve` process every worker is a child of):
   order.json          what every worker should serve: {"generation", "tag", "previous"}
   worker-<pid>.json   what each worker serves, the last order it acted on, and how
 
+(and, beside the moves, what else the workers share: `connections`, their
+connection counts, service.connection_board; `attribution.lock`, whose turn
+it is to compute an attribution, service.backend)
+
 1. The admin call (POST /admin/model, `python -m training serve-version`)
    lands on one worker, which takes the moves' lock (`move.lock`, flock: one
    move at a time across every worker; a second call meanwhile is answered
@@ -138,6 +142,18 @@ class ControlDir:
                 lock.truncate(0)
                 lock.write(tag)
                 lock.flush()
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def taking_turns(self, name: str) -> Iterator[None]:
+        """One holder at a time across every worker of this server, the others waiting their turn: an
+        flock on `<name>.lock`, like the moves' lock (per open file, so two threads of one worker take
+        turns too; the kernel releases it if the holder dies), but queued rather than refused."""
+        with open(self.path / f"{name}.lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
                 yield
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)

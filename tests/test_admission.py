@@ -8,8 +8,8 @@ import time
 import pytest
 
 from service.admission import Admission
-from service.backend import _machine_wide
 from service.config import ServiceConfig
+from service.versions import ControlDir
 
 
 class Clock:
@@ -212,11 +212,11 @@ def test_the_batches_lane_holds_more_where_the_model_runs_beside_the_decoding_on
 def test_attributions_take_turns_across_the_workers_of_a_machine(tmp_path):
     # Two workers' attribution threads (an flock per open file: threads of one process exclude each
     # other as processes do): their attributions never overlap.
-    lock = tmp_path / "attribution.lock"
+    control = ControlDir(tmp_path)
     held = []
 
     def attribution(name):
-        with _machine_wide(lock):
+        with control.taking_turns("attribution"):
             held.append((name, "in"))
             time.sleep(0.1)
             held.append((name, "out"))
