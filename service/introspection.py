@@ -39,6 +39,7 @@ def admission_state(admission) -> dict:
             "waiting": admission.waiting(), "wait_seconds": admission.wait_seconds,
             "decode_units_per_mb": round(admission.units(0, 1_000_000), 2),
             "door_units_per_mb": admission.door_rates(),
+            "door_images_per_mb": admission.door_shares(),
             "work_units_per_pass": {kind: round(f, 2) for kind, f in admission.work_factors.items()}}
 
 

@@ -296,7 +296,8 @@ def test_concurrent_requests_are_batched(server):
     with ThreadPoolExecutor(max_workers=24) as pool:
         statuses = list(pool.map(lambda _: httpx.post(f"{server.url}/classify", json=payload, timeout=60).status_code,
                                  range(96)))
-    assert statuses == [200] * 96
+    admission = [httpx.get(f"{server.url}/model", timeout=30).json()["batching"]["admission"] for _ in range(4)]
+    assert statuses == [200] * 96, f"refused: {statuses.count(503)}; the workers' admission: {admission}"
     after = metric_samples(server.url)
     batches = metric_sum(after, "cnn_batch_size_count") - metric_sum(before, "cnn_batch_size_count")
     images = metric_sum(after, "cnn_batch_size_sum") - metric_sum(before, "cnn_batch_size_sum")
