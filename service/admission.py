@@ -336,9 +336,9 @@ class BodyRate:
     """What a request to an endpoint takes (units, or its share of a lane) per byte of its body: the
     ratio of sums over the last few parsed requests, Σ taken / Σ bytes, so that each request counts by
     its size. (The average of each request's own ratio followed the smallest bodies: three 31-byte
-    junk bodies of one image each made the door expect 150 images in the next 11.6 KB body, the
+    junk bodies of one image each made the door expect 147 images in the next 11.6 KB body, the
     batches' lane took one request at a time, and a burst of 24 single-image requests waited out its
-    line: 503s in `make test` on the AMD machine kind.)"""
+    line: 503s in CI's `make test`.)"""
     DECAY = 0.8  # per request: the sums remember about the last five
 
     def __init__(self) -> None:
@@ -356,6 +356,7 @@ class BodyRate:
         return max(1.0, taken / max(body, 1.0) * body_bytes)
 
     def per_byte(self) -> dict[str, float]:
+        """Per endpoint: what a byte of body takes."""
         return {label: taken / max(body, 1.0) for label, (taken, body) in self._sums.items()}
 
 

@@ -194,9 +194,9 @@ def test_a_request_larger_than_its_lane_is_served_once_the_lane_is_empty():
 
 def test_small_bodies_do_not_make_the_door_expect_many_images_in_a_large_one():
     """Three 31-byte junk bodies of one image each between 11.6 KB bodies of one image: the door
-    expects a couple of images in the next 11.6 KB body, not 150 (averaging each request's own
+    expects a couple of images in the next 11.6 KB body, not 147 (averaging each request's own
     images per byte, it did: the batches' lane let one such request in at a time, and a burst of
-    24 waited out its line -- tests/test_service's burst, on the AMD machine kind)."""
+    24 waited out its line -- tests/test_service's burst, in CI)."""
     admission = Admission(budget_seconds=1.0, initial_rate=1000.0, lanes={"batch": 40})
     for body in (11_611, 31, 31, 31, 11_611):
         ticket = asyncio.run(admission.enter(1.0, "classify", body, lane="batch", share=1.0))
