@@ -82,6 +82,12 @@ def find(path: str) -> Endpoint | None:
     return next((endpoint for endpoint in ENDPOINTS if endpoint.matches(path)), None)
 
 
+def lane_of(label: str) -> str:
+    """The lane of the model an inference endpoint (by its label) runs in, "" for none: what the door
+    holds its requests to, and what the endpoint's handler settles their share of (service.service)."""
+    return next((endpoint.lane for endpoint in INFERENCE if endpoint.label == label), "")
+
+
 def speaks_oip(path: str) -> bool:
     """A path of the Open Inference Protocol (service.oip), whose error bodies are its {"error": "..."}."""
     return path == "/v2" or path.startswith("/v2/")

@@ -165,7 +165,7 @@ async def infer(request: Request) -> Response:
         tensor, count = oip_infer.images_input(parsed, service, size)
         plan = oip_infer.Plan(parsed, version, service.config.max_feature_map_bytes, count)
         encoded = 0 if tensor.name == "pixels" else sum(len(item) for item in tensor.bytes_elements())
-        async with service._admitted(count * plan.forward_passes, encoded, lane="batch",
+        async with service._admitted(oip_infer.ENDPOINT, count * plan.forward_passes, encoded,
                                      share=count if plan.predicts else 0):
             if tensor.name == "pixels":
                 pixels = tensor.uint8()  # as the client cropped them: no decoding, no resizing

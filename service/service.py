@@ -28,6 +28,7 @@ from pydantic import Field
 from model.attribution import MAX_STEPS, AttributionRequest
 from model.inference import pick_device
 from model.preprocess import DecodeLimits
+from service import endpoints
 from service import feature_maps as maps
 from service.explain import explain as explain_image
 from service.explain import gradcam as gradcam_image
@@ -97,6 +98,7 @@ class CNNService:
         self.device = pick_device(CONFIG.device)
         self.metrics = ServiceMetrics("cpu" if LAYOUT.split else self.device.type)
         budget = CONFIG.admission_target * CONFIG.max_latency_ms / 1000
+        control = ControlDir.for_this_server()  # what this server's workers share (service.versions)
         if LAYOUT.split:
             version = ModelVersion.shape_only(MODEL_TAG, MODEL_PATH)
             self.backend = RemoteBackend(self.model_service, version, CONFIG, self._observe_batch)
@@ -108,7 +110,7 @@ class CNNService:
             version = ModelVersion.loaded(MODEL_TAG, MODEL_PATH, predictor)
             self.backend = LocalBackend(version, CONFIG, self._observe_batch,
                                         lambda kind, passes, seconds: self.admission.observe_work(kind, passes, seconds),
-                                        control=ControlDir.for_this_server())
+                                        control=control)
             probe = predictor.predict(torch.zeros(8, 3, predictor.input_size, predictor.input_size,
                                                   dtype=torch.uint8))
             initial_rate = 8 / probe.forward_seconds
@@ -125,7 +127,7 @@ class CNNService:
         self.input_size = version.manifest.preprocessing.input_size  # the same for every version it may move to
         gpu = self.device if self.device.type == "cuda" and CONFIG.gpu_decode != "off" else None
         self.decoder = Decoder(version.manifest.preprocessing, limits, gpu)
-        self.versions = follow_versions(self, "api" if LAYOUT.split else "model", version.tag)
+        self.versions = follow_versions(self, "api" if LAYOUT.split else "model", version.tag, control)
         if LAYOUT.split:
             self.backend.catch_up = self.versions.step
         freeze_startup_heap()
@@ -288,15 +290,16 @@ class CNNService:
             return await respond(self, pixels, request)
 
         return await self._on_one_image(endpoint, image, image_base64, work, cost=request.cost(self.input_size),
-                                        kind=f"explain:{request.method}", lane="attribution")
+                                        kind=f"explain:{request.method}")
 
     @contextlib.asynccontextmanager
-    async def _admitted(self, forward_passes: float, encoded_bytes: int = 0, kind: str = "",
-                        lane: str = "", share: float = 0.0):
-        """Charge this request its exact cost and its share of the model's `lane` (service.admission):
-        settle the ticket the door (service.guards.AdmitWhenRoom) gave it at an estimate, or, where no
-        door ran, admit it here."""
+    async def _admitted(self, endpoint: str, forward_passes: float, encoded_bytes: int = 0, kind: str = "",
+                        share: float = 0.0):
+        """Charge this request its exact cost and its `share` of the lane of the model the endpoint runs in
+        (service.endpoints, service.admission): settle the ticket the door (service.guards.AdmitWhenRoom)
+        gave it at an estimate, or, where no door ran, admit it here."""
         units = self.admission.units(forward_passes, encoded_bytes, kind)
+        lane = endpoints.lane_of(endpoint)
         ticket = TICKET.get()
         if ticket is not None:
             if not self.admission.settle(ticket, units, share if lane else None):
@@ -304,7 +307,7 @@ class CNNService:
             self.metrics.observe_admission(self.admission)
             yield
             return
-        ticket = await self.admission.enter(units, lane=lane, share=share)
+        ticket = await self.admission.enter(units, lane=lane, share=share if lane else 0.0)
         if ticket is None:
             raise Refusal.overloaded(self.config.retry_after_s)
         served = False
@@ -320,7 +323,7 @@ class CNNService:
 
     async def _predict(self, endpoint: str, images, images_base64) -> Predictions:
         payloads = collect_payloads(images, images_base64, True, self.config.max_images_per_request)
-        async with self._admitted(len(payloads), sum(len(data) for data in payloads), lane="batch", share=len(payloads)):
+        async with self._admitted(endpoint, len(payloads), sum(len(data) for data in payloads), share=len(payloads)):
             with self.backend.batcher.expecting(len(payloads)):  # a deep queue's next batch may wait for them
                 pixels = await self._decode(endpoint, payloads)
             return await self.backend.predict(pixels)
@@ -338,12 +341,11 @@ class CNNService:
                              dim=embeddings.shape[1],
                              normalized=normalize, embeddings=embeddings.tolist())
 
-    async def _on_one_image(self, endpoint: str, image, image_base64, work, cost: int = 1, kind: str = "",
-                            lane: str = ""):
+    async def _on_one_image(self, endpoint: str, image, image_base64, work, cost: int = 1, kind: str = ""):
         """One image (file or base64) through `work(pixels)`: admitted (as `cost` images' worth of
-        forward passes, one request in `lane`), decoded, timed and counted."""
+        forward passes, one request in the endpoint's lane), decoded, timed and counted."""
         data = collect_payloads([image] if image else None, [image_base64] if image_base64 else None, False)[0]
-        async with self._admitted(cost, len(data), kind, lane, 1 if lane else 0):
+        async with self._admitted(endpoint, cost, len(data), kind, share=1):
             pixels = (await self._decode(endpoint, [data]))[0]
             with self.metrics.forward_seconds.labels(endpoint, self.metrics.device).time():
                 result = await work(pixels)

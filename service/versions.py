@@ -321,14 +321,15 @@ def _malloc_trim() -> bool:
         return False
 
 
-def follow_versions(holder, role: str, tag: str) -> VersionFollower:
-    """Follow this server's orders from now on: `holder.load(tag)` builds a version beside the served one,
-    `holder.install(version)` swaps it in, `holder.metrics.observe_swap(result, seconds)` counts moves;
-    the served version is `holder.backend.current` (the API service) or `holder.current` (the model service)."""
+def follow_versions(holder, role: str, tag: str, control: ControlDir | None = None) -> VersionFollower:
+    """Follow this server's orders (in `control`, by default this server's) from now on: `holder.load(tag)`
+    builds a version beside the served one, `holder.install(version)` swaps it in,
+    `holder.metrics.observe_swap(result, seconds)` counts moves; the served version is
+    `holder.backend.current` (the API service) or `holder.current` (the model service)."""
     def served():
         return getattr(holder, "backend", holder).current
 
-    follower = VersionFollower(ControlDir.for_this_server(), role, tag, holder.load, holder.install, served)
+    follower = VersionFollower(control or ControlDir.for_this_server(), role, tag, holder.load, holder.install, served)
     follower.on_result = holder.metrics.observe_swap
     follower.start()
     return follower

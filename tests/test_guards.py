@@ -46,6 +46,17 @@ def test_a_route_nobody_declared_needs_the_key():
     assert _call(app, "GET", "/brand-new", headers={"Authorization": f"Bearer {KEY}"}).text == "reached /brand-new"
 
 
+def test_the_handlers_labels_find_the_lanes_the_table_declares():
+    """service.service and service.oip settle a request's share in the lane found by their endpoint's
+    label: a label that missed the table would put the request in no lane at all."""
+    from service import oip_infer
+    assert {label: endpoints.lane_of(label) for label in ("classify", "embed", "feature_maps", "gradcam", "explain",
+                                                         oip_infer.ENDPOINT)} == {
+        "classify": "batch", "embed": "batch", "feature_maps": "", "gradcam": "attribution", "explain": "attribution",
+        "v2_infer": "batch"}
+    assert endpoints.lane_of("model") == ""  # not inference
+
+
 def test_only_declared_open_paths_skip_the_key():
     app = RequireApiKey(_app("/livez", "/metrics", "/ui/index.html", "/classify", "/model"), setting=KEY)
     for open_path in ("/livez", "/metrics", "/ui/index.html"):
