@@ -55,7 +55,8 @@ test-precisions: $(INSTALLED) system-deps
 test-fast: $(INSTALLED)
 	$(PY) -m pytest -m "not slow"
 
-# The server and load tests beside one CPU hog per core: tests of behaviour must pass on a busy machine.
+# The server and load tests beside one CPU hog per core, a memory-heavy and a compute-bound kind in turn
+# (loadtests/hogs.py): tests of behaviour must pass on a busy machine.
 test-busy: $(INSTALLED) system-deps
 	$(PY) -m loadtests.hogs -- $(PY) -m pytest tests/test_service.py tests/test_reliability.py \
 	  tests/test_loadtests.py tests/test_ops.py tests/test_ui.py tests/test_goodput.py

@@ -130,6 +130,11 @@ def evaluate_gates(scenario: dict, summary: dict, aggregated: dict, recovered: t
         slowest = [e["ok_max_ms"] for e in endpoints.values() if e.get("ok")]
         measured = max(slowest) if slowest else float("nan")
         gate("max_ok_ms", scenario["max_ok_ms"], measured, bool(slowest) and measured <= scenario["max_ok_ms"])
+    if "shed_p50_margin_ms" in scenario:  # refused at the door, within the line's wait
+        limit = float(scenario["server_env"]["ADMISSION_WAIT_MS"]) + scenario["shed_p50_margin_ms"]
+        sheds = [e["shed_p50_ms"] for e in endpoints.values() if e.get("shed")]
+        measured = max(sheds) if sheds else float("nan")
+        gate("shed_p50_ms_within_wait", limit, measured, bool(sheds) and measured <= limit)
     if "max_shed_p50_over_ok_p50" in scenario:
         ratios = [e["shed_p50_ms"] / e["ok_p50_ms"] for e in endpoints.values() if e.get("shed") and e.get("ok")]
         measured = max(ratios) if ratios else float("nan")

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loadtests.bench import cpu_seconds
-from loadtests.hogs import start_hogs
+from loadtests.hogs import start_hogs, stop_hogs
 from testkit.server import ROOT, ServerProcess
 
 BUDGET_MS = 3000
@@ -174,9 +174,7 @@ class Hog:
             self.close()
 
     def close(self) -> None:
-        for process in self.processes:
-            process.kill()
-            process.wait()
+        stop_hogs(self.processes)
         self.processes = []
 
 

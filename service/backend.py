@@ -22,6 +22,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import anyio
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ from model.summary import LayerInfo, layer_table
 from service.atlas import Atlas
 from service.batching import Batcher
 from service.config import ServiceConfig
+from service.errors import Refusal
 from service.versions import ControlDir, check_compatible
 
 # Attributions (/explain, /gradcam) computed at once on this machine, beside the batcher's forwards: each
@@ -269,15 +271,50 @@ class RemoteBackend(_Versions):
     # Batches in flight from one API worker: while the model service runs one, the next forms.
     PARALLEL_BATCHES = 2
 
-    def __init__(self, model_service, version: ModelVersion, config: ServiceConfig, observe_batch):
+    def __init__(self, model_service, version: ModelVersion, config: ServiceConfig, observe_batch,
+                 observe_retry=lambda outcome: None):
         self.remote = model_service.to_async
         self.current = version
         self.classes = version.manifest.model_config.num_classes
         self.known = {version_key(version.tag): version}  # the versions the model service may answer with
         self.catch_up = lambda: None  # set by the service: hear an order the model service acted on first
         self._observe = observe_batch
-        self.batcher = Batcher(lambda batch: self.remote.predict(batch), self._split, config.max_batch_size,
+        self._observe_retry = observe_retry  # (outcome: "answered" | "refused") of a call whose worker died
+        self._budget_s = config.max_latency_ms / 1000
+        self._retry_after_s = config.retry_after_s
+        self.batcher = Batcher(lambda batch: self._call("predict", batch), self._split, config.max_batch_size,
                                config.max_latency_ms / 1000, parallel=self.PARALLEL_BATCHES, observe=self._observed)
+
+    # A call whose model worker died under it: the connection reset, closed or refused. (BentoML's client
+    # of a `bentoml.depends` service is aiohttp's; BentoML starts another worker in the dead one's place.)
+    WORKER_LOST = (aiohttp.ClientConnectionError,)
+    RETRY_PAUSE_S = 0.05
+
+    async def _call(self, method: str, *args):
+        """The model service's `method(*args)`. Every call is idempotent (a forward pass, a feature map,
+        an attribution), so if the model worker dies under it, it runs again on the worker BentoML
+        starts in its place, as long as the latency budget (MAX_LATENCY_MS from the first try) lasts;
+        after that it is refused with 503 model_unavailable + Retry-After, never a 500."""
+        deadline = time.monotonic() + self._budget_s
+        call = getattr(self.remote, method)
+        try:
+            return await call(*args)
+        except self.WORKER_LOST as err:
+            lost = err
+        while (remaining := deadline - time.monotonic()) > 0:
+            with anyio.move_on_after(remaining):
+                try:
+                    answer = await call(*args)
+                except self.WORKER_LOST as err:
+                    lost = err
+                    await anyio.sleep(min(self.RETRY_PAUSE_S, max(0.0, deadline - time.monotonic())))
+                else:
+                    self._observe_retry("answered")
+                    return answer
+        self._observe_retry("refused")
+        raise Refusal.model_unavailable(self._retry_after_s, (
+            f"the model worker stopped during this request ({type(lost).__name__}) and another was not ready "
+            f"within the latency budget ({self._budget_s * 1000:.0f} ms); retry shortly"))
 
     KNOWN_VERSIONS = 4  # the versions an answer may still come from: the current one and the last few
 
@@ -309,13 +346,13 @@ class RemoteBackend(_Versions):
     async def activations(self, image: np.ndarray, layers: list[str], stage: str) -> tuple[dict, ModelVersion]:
         """`layers` come checked by the endpoint (typed errors cannot cross processes)."""
         with _unpinned():
-            *maps, key = await self.remote.activations(image, layers, stage)
+            *maps, key = await self._call("activations", image, layers, stage)
         return dict(zip(layers, maps)), self._answered_by(float(key[0]))
 
     async def explain(self, image: np.ndarray, request: AttributionRequest) -> ExplainResult:
         """`request` comes resolved (checked against the model's structure) by the endpoint."""
         with _unpinned():
-            found = await self.remote.explain(image, dataclasses.asdict(request))
+            found = await self._call("explain", image, dataclasses.asdict(request))
         layer_map = found.layer_map if found.layer_map.size else None
         return ExplainResult(found.class_index, found.probability, found.input_map, found.signed, layer_map,
                              self._answered_by(found.version_key))
@@ -323,11 +360,11 @@ class RemoteBackend(_Versions):
     async def kernels(self, layer: str) -> np.ndarray:
         self.version().network.check_conv_layer(layer)
         with _unpinned():
-            return await self.remote.kernels(layer)
+            return await self._call("kernels", layer)
 
     async def describe(self) -> dict:
         with _unpinned():
-            return await self.remote.describe()
+            return await self._call("describe")
 
 
 def _chw(image: np.ndarray) -> torch.Tensor:

@@ -27,6 +27,12 @@ class Refusal(Exception):
         """503 + Retry-After: the model is at capacity (admission control, or the model service shed it)."""
         return cls(503, "overloaded", "the model is at capacity; retry shortly", {"Retry-After": str(retry_after_s)})
 
+    @classmethod
+    def model_unavailable(cls, retry_after_s: int, detail: str) -> Refusal:
+        """503 + Retry-After: the split layout's model worker stopped mid-request and was not back within
+        the latency budget (service.backend.RemoteBackend); BentoML is starting another."""
+        return cls(503, "model_unavailable", detail, {"Retry-After": str(retry_after_s)})
+
     def response(self) -> JSONResponse:
         return JSONResponse(error_body(self.reason, self.detail), status_code=self.status, headers=self.headers)
 

@@ -60,6 +60,11 @@ class ServiceMetrics:
         )
         for result in ("ok", "refused"):
             self.model_swaps.labels(result)
+        self.model_worker_retries = prom.Counter(
+            "cnn_model_worker_retries_total",
+            "Calls to the split layout's model service whose worker died under them, by outcome: answered "
+            "by its replacement within the latency budget, or refused (503 model_unavailable).",
+            ["outcome"])
         # Per worker process; a pod's figure is the sum (images) or the largest (load) over its workers.
         self.inflight_images = prom.Gauge("cnn_inflight_images",
                                           "Work admitted and not yet answered, in single-image forward passes "

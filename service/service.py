@@ -15,7 +15,6 @@ A request's way through (service.config explains the two layouts):
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 from pathlib import Path
 from typing import Annotated
@@ -42,6 +41,7 @@ from service.config import CONFIG, Layout
 from service.decoding import Decoder, decode_seconds_per_byte
 from service.errors import Refusal, refusal_for
 from service.guards import add_guards
+from service.heap import freeze_startup_heap, limit_malloc_arenas
 from service.inputs import collect_payloads
 from service.introspection import introspection_app
 from service.oip import oip_app
@@ -53,19 +53,7 @@ from service.schemas import (
 )
 
 
-def freeze_startup_heap() -> None:
-    """Exempt everything built at start-up from Python's cyclic garbage collector.
-
-    The imports, the model and BentoML's app are ~470,000 long-lived objects. A
-    full (generation 2) collection walks them all while holding the GIL: here it
-    took 220 ms, during which the event loop answered nobody and the forward
-    thread stopped -- the slowest accepted requests under load were exactly
-    those. Frozen objects are never walked again (they live as long as the
-    process anyway), so later collections only see the objects requests create.
-    """
-    gc.collect()
-    gc.freeze()
-
+limit_malloc_arenas()  # before the worker's threads start (service.heap)
 
 # Checked here, at import, in the process that runs `bentoml serve`: a missing
 # or corrupt model stops start-up with the reason and a non-zero exit. (Failing
@@ -101,7 +89,8 @@ class CNNService:
         control = ControlDir.for_this_server()  # what this server's workers share (service.versions)
         if LAYOUT.split:
             version = ModelVersion.shape_only(MODEL_TAG, MODEL_PATH)
-            self.backend = RemoteBackend(self.model_service, version, CONFIG, self._observe_batch)
+            self.backend = RemoteBackend(self.model_service, version, CONFIG, self._observe_batch,
+                                         lambda outcome: self.metrics.model_worker_retries.labels(outcome).inc())
             initial_rate = 100.0 / LAYOUT.api_workers  # replaced by what it measures within a second of load
         else:
             # Every worker's forward may use every core: alone (low load) it is as fast as one process;

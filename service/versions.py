@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import gc
 import hashlib
 import json
 import os
@@ -55,6 +54,7 @@ from typing import Any, Callable, Iterator
 from model import store
 from model.atomic import atomic_write_bytes
 from model.checkpoint import WEIGHTS_FILE, CheckpointError, Manifest, read_attached, read_manifest
+from service.heap import settle_heap
 
 POLL_SECONDS = 0.2  # how often a worker looks for a new order: the swap's latency, for a stat() call
 RELEASE_WAIT_S = 30.0  # how long a worker waits for the requests still on the old version before refreezing
@@ -278,47 +278,6 @@ class VersionFollower:
 def _log_settled(how: str, seconds: float) -> None:
     print(f"model version follower (pid {os.getpid()}): heap settled after the move ({how}, {seconds:.3f} s)",
           flush=True)
-
-
-def settle_heap(released: bool) -> str:
-    """Exempt the new version's long-lived objects from the cyclic garbage collector, as start-up does
-    for its own (service.service.freeze_startup_heap), in a process that froze its heap; then hand
-    the old version's freed memory back to the system.
-
-    A version's objects are freed by reference counting when its last request finishes, frozen or
-    not (it holds no reference cycle: measured, every tensor of a Predictor goes with its last
-    reference), so when the old version is gone (`released`) a collection of the unfrozen objects
-    (the new version's, and what requests left since the last freeze) then gc.freeze() suffices: a
-    few ms. If it is still alive after RELEASE_WAIT_S -- held by a cycle, which frozen would never
-    be collected, or by a request that outlived the wait -- gc.unfreeze() first, so that the full
-    collection can free it: the whole heap walked once, ~0.3-0.4 s holding the GIL (measured).
-
-    Freed is not returned: glibc keeps the old weights' smaller tensors in its per-thread arenas
-    (the follower thread's, which loaded them), and a worker's RSS crept up by about one AlexNet
-    per few moves until malloc_trim(0) gave it back (measured: BENCHMARKS.md)."""
-    if gc.get_freeze_count() == 0:
-        how = "heap not frozen in this process"
-    elif released:
-        gc.collect()
-        gc.freeze()
-        how = "old version freed; young objects collected and frozen"
-    else:
-        gc.unfreeze()
-        gc.collect()
-        gc.freeze()
-        how = "old version still alive: heap unfrozen, fully collected, frozen again"
-    return how + ("; free memory returned" if _malloc_trim() else "")
-
-
-def _malloc_trim() -> bool:
-    """glibc's malloc_trim(0): free memory of every arena back to the system (ctypes releases the GIL
-    for the call). False where there is no glibc."""
-    try:
-        import ctypes
-
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
 
 
 def follow_versions(holder, role: str, tag: str, control: ControlDir | None = None) -> VersionFollower:

@@ -20,7 +20,8 @@ import torch
 from safetensors.torch import save as safetensors_save
 
 from model.checkpoint import WEIGHTS_FILE, load_checkpoint, read_manifest, save_checkpoint, write_manifest
-from service.versions import ControlDir, MoveRefused, VersionFollower, move_all, settle_heap
+from service.heap import settle_heap
+from service.versions import ControlDir, MoveRefused, VersionFollower, move_all
 from testkit.images import shape_png
 from testkit.models import untrained_checkpoint
 from testkit.server import ROOT, start_server

@@ -144,6 +144,72 @@ def test_sigkill_worker_under_load_recovers(own_server):
                for _, s in outcomes), {s for _, s in outcomes}
 
 
+def test_killed_model_worker_fails_no_request(own_server):
+    """The split layout's model worker SIGKILLed under load (8 clients of /classify): every request in
+    flight or sent meanwhile is answered 200 (its batch run again on the worker BentoML starts in the
+    killed one's place, within the latency budget) or 503 + Retry-After with the refusal body, never
+    anything else; each refusal and retry is counted with its own reason."""
+    from testkit.metrics import metric_samples, metric_sum
+
+    server = own_server(LAYOUT="split", API_WORKERS="2")
+    files = [("images", ("x.png", shape_png(1), "image/png"))]
+    outcomes: list[tuple[float, int, str, str | None]] = []  # (time, status, error reason, Retry-After)
+    stop = threading.Event()
+
+    def load():
+        with httpx.Client(timeout=60) as client:
+            while not stop.is_set():
+                response = client.post(f"{server.url}/classify", files=files)
+                reason = "" if response.status_code == 200 else response.json().get("error", "")
+                outcomes.append((time.time(), response.status_code, reason, response.headers.get("retry-after")))
+
+    def model_workers() -> list[int]:
+        return [p for p in server.worker_pids() if _is_worker(p) and _kind(p) == "model"]
+
+    threads = [threading.Thread(target=load) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    try:
+        _poll(lambda: sum(1 for _, status, _, _ in outcomes if status == 200) >= 40, 60, "no load got through")
+        [killed] = model_workers()
+        killed_at = time.time()
+        os.kill(killed, signal.SIGKILL)
+        _poll(lambda: model_workers() not in ([], [killed]), 120, "the model worker was never replaced")
+        # answers after the kill from the replacement: the load went on through it
+        _poll(lambda: sum(1 for t, status, _, _ in outcomes if t > killed_at + 1 and status == 200) >= 40, 120,
+              "no request succeeded after the model worker was replaced")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    statuses = {(status, reason) for _, status, reason, _ in outcomes}
+    samples = metric_samples(server.url)
+    print(f"\nmodel worker SIGKILLed under load: {len(outcomes)} answers, "
+          f"{sorted((s, r, sum(1 for o in outcomes if o[1:3] == (s, r))) for s, r in statuses)}; calls retried: "
+          f"{ {o: metric_sum(samples, 'cnn_model_worker_retries_total', outcome=o) for o in ('answered', 'refused')} }")
+    assert statuses <= {(200, ""), (503, "model_unavailable"), (503, "overloaded")}, statuses
+    assert all(retry_after for _, status, _, retry_after in outcomes if status == 503)
+    unavailable = sum(1 for _, status, reason, _ in outcomes if reason == "model_unavailable")
+    assert metric_sum(samples, "cnn_refusals_total", endpoint="classify", reason="model_unavailable") == unavailable
+    retried = metric_sum(samples, "cnn_model_worker_retries_total")
+    assert retried >= 1, "no call was in flight when the worker died: the kill tested nothing"
+    assert metric_sum(samples, "cnn_model_worker_retries_total", outcome="refused") <= unavailable
+
+
+def _poll(condition, timeout_s: float, failure: str) -> None:
+    deadline = time.time() + timeout_s
+    while not condition():
+        assert time.time() < deadline, failure
+        time.sleep(0.1)
+
+
+def _kind(pid: int) -> str:
+    try:
+        return process_kind(" ".join(psutil.Process(pid).cmdline()))
+    except psutil.NoSuchProcess:
+        return "gone"
+
+
 def _is_worker(pid: int) -> bool:
     try:
         process = psutil.Process(pid)
