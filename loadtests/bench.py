@@ -56,7 +56,7 @@ CONCURRENCY = (1, 8, 32, 64)
 DEFAULT_SERVER_ENV = {"MAX_LATENCY_MS": "3000"}
 DECODE_SIZES = ((640, 480), (1280, 960), (3000, 2000))
 # Seconds each load runs before it is counted: the same clients, so that what is measured is the steady
-# state, with the connections spread over the API workers (service.guards.SpreadConnections).
+# state, with the connections spread over the API workers (service.http.guards.SpreadConnections).
 SETTLE_S = 3.0
 # The peer comparison's loads, (clients, images per request): issue 19's table.
 PEER_LOADS = ((1, 1), (32, 1), (4, 8), (32, 8))
@@ -115,7 +115,7 @@ async def closed_loop(url: str, bodies: list[tuple[bytes, dict]], clients: int, 
 
     With `settle`, the same clients first run that many seconds uncounted, and `on_start()` (in a
     thread: e.g. reading the server's CPU counters) marks where counting begins: a steady state,
-    with the server's connections spread over its workers (service.guards.SpreadConnections) --
+    with the server's connections spread over its workers (service.http.guards.SpreadConnections) --
     not the start-up burst, which a fresh set of connections would repeat."""
     import aiohttp
 

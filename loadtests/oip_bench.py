@@ -107,7 +107,7 @@ def run_model(model: str, args, precision: str | None = None, api_workers: int =
         server.wait_ready(timeout=300)
         import httpx
 
-        name = "cnn-classifier"  # a checkpoint directory serves under the store's name (service.oip)
+        name = "cnn-classifier"  # a checkpoint directory serves under the store's name (service.oip.app)
         prep = httpx.get(f"{server.url}/v2/models/{name}", timeout=30).json()["parameters"]
         described = httpx.get(f"{server.url}/model", timeout=30).json()
         computed = described.get("precision", {})

@@ -193,12 +193,7 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
     if not weights_path.is_file():
         raise CheckpointError(f"{weights_path}: missing")
     blob = weights_path.read_bytes()
-    digest = hashlib.sha256(blob).hexdigest()
-    if digest != manifest.weights_sha256:
-        raise CheckpointError(
-            f"{weights_path}: sha256 {digest[:16]}... does not match the manifest's "
-            f"{manifest.weights_sha256[:16]}... (truncated, tampered or from another checkpoint)"
-        )
+    _check_digest(weights_path, hashlib.sha256(blob).hexdigest(), manifest)
     try:
         tensors = safetensors_load(blob)
     except (SafetensorError, ValueError) as err:
@@ -212,3 +207,54 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
         read_attached(directory, manifest, name)  # every attached file present and intact
     model.to(device).eval()
     return Checkpoint(model=model, manifest=manifest, path=directory)
+
+
+def _check_digest(weights_path: Path, digest: str, manifest: Manifest) -> None:
+    if digest != manifest.weights_sha256:
+        raise CheckpointError(
+            f"{weights_path}: sha256 {digest[:16]}... does not match the manifest's "
+            f"{manifest.weights_sha256[:16]}... (truncated, tampered or from another checkpoint)"
+        )
+
+
+HASH_CHUNK = 1 << 20
+
+
+def verify_checkpoint(directory: str | Path) -> Manifest:
+    """A checkpoint's manifest, once every file it lists is present and matches its sha256 -- the
+    checks of `load_checkpoint`, in its words, with the weights streamed through the hash 1 MiB at a
+    time: nothing loaded, nothing built (what a running service checks before it moves to a version)."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    weights_path = directory / WEIGHTS_FILE
+    digest = hashlib.sha256()
+    try:
+        with open(weights_path, "rb") as weights:
+            while chunk := weights.read(HASH_CHUNK):
+                digest.update(chunk)
+    except FileNotFoundError:
+        raise CheckpointError(f"{weights_path}: missing") from None
+    except OSError as err:
+        raise CheckpointError(f"{weights_path}: {err.strerror or err}") from None
+    _check_digest(weights_path, digest.hexdigest(), manifest)
+    for name in manifest.files:
+        read_attached(directory, manifest, name)  # every attached file present and intact
+    return manifest
+
+
+class IncompatibleModel(ValueError):
+    """A version the running service cannot switch to (clients and decoders depend on what differs)."""
+
+
+def check_compatible(served: Manifest, candidate: Manifest) -> None:
+    """Refuse a version clients could tell apart by more than its answers: its preprocessing (clients
+    and decoders size and normalize images for the served model) or its architecture (layer names
+    and shapes, the number of classes: what feature-map, attribution and OIP clients ask for).
+    A new version is the same network with other weights (and may rename its classes)."""
+    if candidate.preprocessing != served.preprocessing:
+        raise IncompatibleModel(f"its preprocessing {candidate.preprocessing.to_dict()} differs from the served "
+                                f"model's {served.preprocessing.to_dict()}; serve it with a restart instead")
+    if candidate.model_config != served.model_config:
+        raise IncompatibleModel(f"its architecture ({candidate.preset}: {candidate.model_config.name}) differs from "
+                                f"the served model's ({served.preset}: {served.model_config.name}); serve it with "
+                                "a restart instead")

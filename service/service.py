@@ -2,12 +2,12 @@
 
     bentoml serve .            # from the repo root (bentofile.yaml names this class)
 
-A request's way through (service.config explains the two layouts):
+A request's way through (service.core.settings explains the two layouts):
   1. admission control admits it at its cost, holds it in line for room, or
-     refuses it (503 + Retry-After) -- before its body is read (service.admission);
+     refuses it (503 + Retry-After) -- before its body is read (service.runtime.admission);
   2. its images decode in worker threads straight to about the model's input
-     size (service.decoding);
-  3. the uint8 pixels go to the backend (service.backend): our batcher and the
+     size (service.runtime.decoding);
+  3. the uint8 pixels go to the backend (service.runtime.backend): our batcher and the
      model in this process, or the batched model service of the split layout;
   4. the endpoint shapes the answer; refusals are 4xx JSON with a reason.
 """
@@ -27,33 +27,34 @@ from pydantic import Field
 from model.attribution import MAX_STEPS, AttributionRequest
 from model.inference import pick_device
 from model.preprocess import DecodeLimits
-from service import endpoints
-from service import feature_maps as maps
-from service.explain import explain as explain_image
-from service.explain import gradcam as gradcam_image
-from service.admission import TICKET, Admission
+from service.core import endpoints
+from service.runtime import feature_maps as maps
+from service.runtime.explain import explain as explain_image
+from service.runtime.explain import gradcam as gradcam_image
+from service.runtime.admission import TICKET, Admission
 from model import store
-from service.backend import (
+from service.runtime.backend import (
     ATTRIBUTIONS_AT_ONCE, LocalBackend, ModelVersion, Predictions, RemoteBackend, build_predictor, load_or_exit,
     load_version, locate_model,
 )
-from service.config import CONFIG, Layout
-from service.decoding import Decoder, decode_seconds_per_byte
-from service.errors import Refusal, refusal_for
-from service.guards import add_guards
-from service.heap import freeze_startup_heap, limit_malloc_arenas
-from service.inputs import collect_payloads
-from service.introspection import introspection_app
-from service.oip import oip_app
-from service.metrics import ServiceMetrics
-from service.versions import ControlDir, follow_versions
-from service.schemas import (
+from service.core.settings import CONFIG, Layout
+from service.runtime.decoding import Decoder, decode_seconds_per_byte
+from service.core.refusals import Refusal, refusal_for
+from service.http.guards import add_guards
+from service.core.heap import freeze_startup_heap, limit_malloc_arenas
+from service.core.inputs import collect_payloads
+from service.http.introspection import introspection_app
+from service.oip.app import oip_app
+from service.core.metrics import ServiceMetrics
+from service.control.control_dir import ControlDir
+from service.control.follower import follow_versions
+from service.core.schemas import (
     ClassifyResponse, EmbedResponse, ExplainMethod, ExplainResponse, FeatureFormat, FeatureMapsResponse,
     GradCamResponse, ImagePrediction, LabelScore, Stage,
 )
 
 
-limit_malloc_arenas()  # before the worker's threads start (service.heap)
+limit_malloc_arenas()  # before the worker's threads start (service.core.heap)
 
 # Checked here, at import, in the process that runs `bentoml serve`: a missing
 # or corrupt model stops start-up with the reason and a non-zero exit. (Failing
@@ -62,11 +63,11 @@ MODEL_PATH, MODEL_TAG = locate_model(CONFIG)
 load_or_exit(MODEL_PATH)
 LAYOUT = Layout.choose(CONFIG)
 if LAYOUT.split:
-    from service.model_service import ModelService
+    from service.runtime.model_service import ModelService
 
 
 @bentoml.asgi_app(introspection_app, path="/")
-@bentoml.asgi_app(oip_app, path="/")  # full /v2/... paths: GET /v2 itself must answer (service.oip)
+@bentoml.asgi_app(oip_app, path="/")  # full /v2/... paths: GET /v2 itself must answer (service.oip.app)
 @bentoml.service(
     name="cnn_service",
     workers=LAYOUT.api_workers,
@@ -86,7 +87,7 @@ class CNNService:
         self.device = pick_device(CONFIG.device)
         self.metrics = ServiceMetrics("cpu" if LAYOUT.split else self.device.type)
         budget = CONFIG.admission_target * CONFIG.max_latency_ms / 1000
-        control = ControlDir.for_this_server()  # what this server's workers share (service.versions)
+        control = ControlDir.for_this_server()  # what this server's workers share (service.control)
         if LAYOUT.split:
             version = ModelVersion.shape_only(MODEL_TAG, MODEL_PATH)
             self.backend = RemoteBackend(self.model_service, version, CONFIG, self._observe_batch,
@@ -105,7 +106,7 @@ class CNNService:
             initial_rate = 8 / probe.forward_seconds
             self.metrics.announce_model(version.tag, predictor, self.device.type)
         limits = DecodeLimits(max_bytes=CONFIG.max_image_bytes, max_pixels=CONFIG.max_image_pixels)
-        # Each worker measures its own completion rate (service.admission), so each takes the whole budget.
+        # Each worker measures its own completion rate (service.runtime.admission), so each takes the whole budget.
         # The model's lanes: the batcher's images, the attributions' requests (one per worker: computed
         # one at a time on the machine, the other workers' are next).
         lanes = {"batch": CONFIG.batches_in_flight(self.device.type == "cuda") * CONFIG.max_batch_size,
@@ -128,7 +129,7 @@ class CNNService:
 
     @property
     def version(self) -> ModelVersion:
-        """The version this request pinned (service.backend), or the current one."""
+        """The version this request pinned (service.runtime.backend), or the current one."""
         return self.backend.version()
 
     @property
@@ -148,7 +149,7 @@ class CNNService:
         return self.version.atlas
 
     def load(self, tag: str) -> ModelVersion:
-        """A version to move to, loaded beside the served one (service.versions calls this)."""
+        """A version to move to, loaded beside the served one (service.control.follower calls this)."""
         if LAYOUT.split:  # the model worker loads the weights; this worker needs the shape and the atlas
             path, full_tag = store.resolve(tag)
             return ModelVersion.shape_only(full_tag, path)
@@ -285,7 +286,7 @@ class CNNService:
     async def _admitted(self, endpoint: str, forward_passes: float, encoded_bytes: int = 0, kind: str = "",
                         share: float = 0.0):
         """Charge this request its exact cost and its `share` of the lane of the model the endpoint runs in
-        (service.endpoints, service.admission): settle the ticket the door (service.guards.AdmitWhenRoom)
+        (service.core.endpoints, service.runtime.admission): settle the ticket the door (service.http.guards.AdmitWhenRoom)
         gave it at an estimate, or, where no door ran, admit it here."""
         units = self.admission.units(forward_passes, encoded_bytes, kind)
         lane = endpoints.lane_of(endpoint)

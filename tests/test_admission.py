@@ -1,4 +1,4 @@
-"""Admission control (service.admission): its arithmetic, its rate, its line at the door and the
+"""Admission control (service.runtime.admission): its arithmetic, its rate, its line at the door and the
 model's lanes, on a fake clock. The door in front of a real service is tested in tests/test_goodput.py."""
 
 import asyncio
@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from service.admission import Admission
-from service.config import ServiceConfig
-from service.versions import ControlDir
+from service.runtime.admission import Admission
+from service.core.settings import ServiceConfig
+from service.control.control_dir import ControlDir
 
 
 class Clock:

@@ -7,8 +7,8 @@ import asyncio
 import numpy as np
 import pytest
 
-from service.batching import Batcher
-from service.errors import Refusal
+from service.runtime.batching import Batcher
+from service.core.refusals import Refusal
 
 
 def images(n: int, value: int = 0) -> np.ndarray:
@@ -115,7 +115,7 @@ def test_a_cancelled_request_is_left_out_of_its_batch():
     asyncio.run(main())
 
 
-# ----- a deep queue's batch waits for images on their way (service.batching's "target") ---------
+# ----- a deep queue's batch waits for images on their way (service.runtime.batching's "target") ---------
 
 HANG_GUARD_S = 20  # far above any wait these tests expect: only a batcher that waits for nothing trips it
 

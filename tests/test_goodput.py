@@ -52,8 +52,8 @@ def test_the_door_refuses_before_reading_the_body_and_admits_from_the_line(monke
 
     import bentoml
 
-    from service.admission import Admission
-    from service.guards import AddRetryAfter, AdmitWhenRoom
+    from service.runtime.admission import Admission
+    from service.http.guards import AddRetryAfter, AdmitWhenRoom
 
     admission = Admission(budget_seconds=1.0, initial_rate=10.0, wait_seconds=0.2)
     counter = SimpleNamespace(inc=lambda: None)

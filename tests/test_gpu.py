@@ -52,7 +52,7 @@ def test_jpegs_decode_on_the_gpu_to_the_cpu_pixels():
 
     from model.config import get_preset
     from model.preprocess import DecodeLimits, load_pixels
-    from service.decoding import Decoder
+    from service.runtime.decoding import Decoder
     from testkit.images import photos
 
     class Timer:

@@ -1,5 +1,5 @@
-"""The guards in front of the service, each on its own (service.guards), on a small real ASGI app:
-the declaration in service.endpoints decides what is open, so auth fails closed."""
+"""The guards in front of the service, each on its own (service.http.guards), on a small real ASGI app:
+the declaration in service.core.endpoints decides what is open, so auth fails closed."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from service import endpoints
-from service.connection_board import ConnectionBoard
-from service.guards import (AddRetryAfter, CheckMultipart, LimitBody, RequireApiKey, SpreadConnections,
+from service.core import endpoints
+from service.http.connection_board import ConnectionBoard
+from service.http.guards import (AddRetryAfter, CheckMultipart, LimitBody, RequireApiKey, SpreadConnections,
                             UniformErrors)
 
 KEY = "k3y"
@@ -37,7 +37,7 @@ def _call(app, method: str, path: str, peer: tuple[str, int] = ("127.0.0.1", 123
 
 
 def test_a_route_nobody_declared_needs_the_key():
-    assert endpoints.find("/brand-new") is None  # added to the app, never to service.endpoints
+    assert endpoints.find("/brand-new") is None  # added to the app, never to service.core.endpoints
     app = RequireApiKey(_app("/brand-new", "/livez", "/classify"), setting=KEY)
     refused = _call(app, "GET", "/brand-new")
     assert refused.status_code == 401 and refused.json()["error"] == "unauthorized"
@@ -47,9 +47,9 @@ def test_a_route_nobody_declared_needs_the_key():
 
 
 def test_the_handlers_labels_find_the_lanes_the_table_declares():
-    """service.service and service.oip settle a request's share in the lane found by their endpoint's
+    """service.service and service.oip.app settle a request's share in the lane found by their endpoint's
     label: a label that missed the table would put the request in no lane at all."""
-    from service import oip_infer
+    from service.oip import infer as oip_infer
     assert {label: endpoints.lane_of(label) for label in ("classify", "embed", "feature_maps", "gradcam", "explain",
                                                          oip_infer.ENDPOINT)} == {
         "classify": "batch", "embed": "batch", "feature_maps": "", "gradcam": "attribution", "explain": "attribution",

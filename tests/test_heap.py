@@ -1,4 +1,4 @@
-"""A worker's memory policy (service.heap): few malloc arenas, however many threads allocate."""
+"""A worker's memory policy (service.core.heap): few malloc arenas, however many threads allocate."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ ARENAS_SCRIPT = """
 import ctypes, sys, tempfile, threading
 limit = int(sys.argv[1])
 if limit:
-    from service.heap import limit_malloc_arenas
+    from service.core.heap import limit_malloc_arenas
     assert limit_malloc_arenas(limit) == limit
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = libc.fopen.restype = ctypes.c_void_p
@@ -52,7 +52,7 @@ def test_threads_share_a_few_malloc_arenas():
 
 
 def test_an_operators_malloc_arena_max_is_left_alone():
-    done = subprocess.run([sys.executable, "-c", "from service.heap import limit_malloc_arenas as f; print(f(2))"],
+    done = subprocess.run([sys.executable, "-c", "from service.core.heap import limit_malloc_arenas as f; print(f(2))"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
                           env={**os.environ, "MALLOC_ARENA_MAX": "4"})
     assert done.stdout.strip() == "None"

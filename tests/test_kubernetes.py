@@ -17,7 +17,7 @@ import httpx
 import pytest
 import yaml
 
-from service.config import Layout, ServiceConfig
+from service.core.settings import Layout, ServiceConfig
 from testkit.metrics import metric_samples
 from testkit.prometheus import JOB, PROMETHEUS, PROMTOOL, Prometheus
 from testkit.replicas import slow_upload
@@ -116,7 +116,7 @@ def test_rollout_never_drops_capacity_and_probes_use_bentoml_health_endpoints(re
 
 def test_grace_period_covers_endpoint_propagation_and_the_longest_request(rendered):
     """terminationGracePeriodSeconds >= preStop sleep + REQUEST_TIMEOUT_S + margin, from the values
-    the pod really runs with (its env, else service.config's defaults)."""
+    the pod really runs with (its env, else service.core.settings's defaults)."""
     _, objects = rendered
     pod = objects["Deployment"]["spec"]["template"]["spec"]
     main = container(objects)

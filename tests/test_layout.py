@@ -8,7 +8,7 @@ import httpx
 import numpy as np
 import pytest
 
-from service.config import Layout, ServiceConfig
+from service.core.settings import Layout, ServiceConfig
 from testkit.images import shape_png
 
 

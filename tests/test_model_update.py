@@ -1,4 +1,4 @@
-"""Moving a running service to another model version (service.versions): every worker moves, or
+"""Moving a running service to another model version (service.control): every worker moves, or
 none stays moved; refusals keep the old version serving; no request fails under load."""
 
 from __future__ import annotations
@@ -20,8 +20,11 @@ import torch
 from safetensors.torch import save as safetensors_save
 
 from model.checkpoint import WEIGHTS_FILE, load_checkpoint, read_manifest, save_checkpoint, write_manifest
-from service.heap import settle_heap
-from service.versions import ControlDir, MoveRefused, VersionFollower, move_all
+from service.core.heap import settle_heap
+from service.control.control_dir import ControlDir
+from service.control.follower import VersionFollower
+from service.control.moves import move_all
+from service.core.refusals import Refusal
 from testkit.images import shape_png
 from testkit.models import untrained_checkpoint
 from testkit.server import ROOT, start_server
@@ -71,12 +74,30 @@ def test_a_worker_that_fails_halfway_sends_every_worker_back(tmp_path):
     assert good.tag == bad.tag == "v1"
 
 
+def test_a_follower_error_is_logged_and_counted_and_the_next_order_still_heard(tmp_path, caplog):
+    """An order the follower cannot read (here: not an object) is an error it logs and reports to
+    `on_error` (the service counts it in cnn_version_follower_errors_total); the next good order moves it."""
+    control = ControlDir(tmp_path)
+    follower = _follower(control)
+    errors: list[BaseException] = []
+    follower.on_error = errors.append
+    (tmp_path / "order.json").write_text("[1, 2]")
+    with caplog.at_level("ERROR", logger="service.control.follower"):
+        follower.poll_once()
+    assert [type(err) for err in errors] == [TypeError]
+    assert "model version follower" in caplog.text and "TypeError" in caplog.text
+    (tmp_path / "order.json").unlink()
+    control.publish("v2", "v1")
+    follower.poll_once()
+    assert follower.tag == "v2" and len(errors) == 1
+
+
 def test_one_move_at_a_time(tmp_path):
     """The moves' lock is an flock per open file: a second holder in the same process (another
     thread of the worker) is refused as one in another worker would be, and named what is moving."""
     control = ControlDir(tmp_path)
     with control.exclusive_move("name:v2"):
-        with pytest.raises(MoveRefused) as refused:
+        with pytest.raises(Refusal) as refused:
             with control.exclusive_move("name:v3"):
                 pass
         assert refused.value.status == 409 and refused.value.reason == "move_in_progress"
@@ -306,7 +327,7 @@ def test_a_move_while_another_is_in_progress_is_refused_with_409(versions, two_w
     import tempfile
     from pathlib import Path
 
-    from service.versions import ControlDir
+    from service.control.control_dir import ControlDir
 
     url = two_workers.url
     control = ControlDir(Path(tempfile.gettempdir()) / f"{ControlDir.PREFIX}{two_workers.process.pid}")

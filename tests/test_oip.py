@@ -1,4 +1,4 @@
-"""The Open Inference Protocol (service.oip) the way its users call it: tritonclient (binary tensor
+"""The Open Inference Protocol (service.oip.app) the way its users call it: tritonclient (binary tensor
 data and JSON) and KServe's REST client against a real `bentoml serve`, every route, feature maps
 and errors; its answers equal /classify's and /feature_maps'. Plus the wire format and the guards
 on their own, in process."""
@@ -399,7 +399,7 @@ def test_docs_list_the_oip_routes_and_each_answers_as_documented(server, model, 
 
 
 def test_binary_request_splits_into_its_tensors():
-    from service.oip_codec import parse_request
+    from service.oip.codec import parse_request
 
     header = json.dumps({"id": "7", "inputs": [
         {"name": "images", "datatype": "BYTES", "shape": [2], "parameters": {"binary_data_size": 4 + 3 + 4 + 1}}],
@@ -411,7 +411,7 @@ def test_binary_request_splits_into_its_tensors():
 
 
 def test_binary_response_puts_tensors_after_the_json_in_order():
-    from service.oip_codec import OutputTensor, encode_response
+    from service.oip.codec import OutputTensor, encode_response
 
     scores = np.array([[0.25, 0.75]], dtype=np.float32)
     body, length = encode_response({"model_name": "m"}, [
@@ -447,9 +447,9 @@ def test_oip_infer_is_declared_sheddable_and_its_refusals_keep_the_protocols_bod
     from starlette.responses import PlainTextResponse
     from starlette.routing import Route
 
-    from service import endpoints
-    from service.admission import Admission
-    from service.guards import AddRetryAfter, AdmitWhenRoom, RequireApiKey, UniformErrors
+    from service.core import endpoints
+    from service.runtime.admission import Admission
+    from service.http.guards import AddRetryAfter, AdmitWhenRoom, RequireApiKey, UniformErrors
 
     counter = SimpleNamespace(inc=lambda: None)
     admission = Admission(budget_seconds=0.1, initial_rate=10.0)
@@ -483,7 +483,7 @@ def test_amended_spec_lists_the_oip_routes_and_stays_valid_openapi():
     (before a model is loaded: the store's model name as the example, no version)."""
     from openapi_spec_validator import validate
 
-    from service.rewrites import amend_docs
+    from service.http.rewrites import amend_docs
 
     bentoml_spec = {"openapi": "3.0.2", "info": {"title": "CNNService", "version": "None"}, "paths": {},
                     "components": {"schemas": {"InvalidArgument": {"type": "object"}}},

@@ -18,7 +18,7 @@ from PIL import Image
 from model.checkpoint import load_checkpoint
 from model.precision import resolve as resolve_precision
 from model.preprocess import load_image
-from service.config import ServiceConfig
+from service.core.settings import ServiceConfig
 from testkit.images import b64, encode, png_header_only, shape_image, shape_png
 from testkit.metrics import metric_samples, metric_sum
 from testkit.server import serve_until_exit
@@ -307,7 +307,7 @@ def test_concurrent_requests_are_batched(server):
 
 
 def test_client_connections_spread_evenly_over_the_api_workers(server):
-    """service.guards.SpreadConnections in the real server: keep-alive clients that reconnect when told
+    """service.http.guards.SpreadConnections in the real server: keep-alive clients that reconnect when told
     (`Connection: close`) end up spread evenly over the API workers, and then nobody is told again."""
     import http.client
     import socket
@@ -333,7 +333,7 @@ def test_client_connections_spread_evenly_over_the_api_workers(server):
         assert response.status == 200
         return response.getheader("connection")
 
-    from service.connection_board import ConnectionBoard
+    from service.http.connection_board import ConnectionBoard
 
     time.sleep(ConnectionBoard.WINDOW_S + 0.5)  # the earlier tests' connections are no longer counted as active
     clients = 4 * len(workers)

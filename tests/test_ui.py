@@ -39,7 +39,7 @@ def open_ui(browser, url):
 
 
 def test_ui_is_static_and_offline():
-    from service.introspection import UI_DIR
+    from service.http.introspection import UI_DIR
 
     for path in UI_DIR.iterdir():
         text = path.read_text()

@@ -3,7 +3,7 @@
     python -m training serve-version cnn-classifier:<version> --url http://127.0.0.1:3000
     python -m training serve-version --watch cnn-classifier --url http://127.0.0.1:3000
 
-The service does the move (service/versions.py: every worker loads, verifies,
+The service does the move (service/control/: every worker loads, verifies,
 checks and warms the version beside the old one, then swaps; any refusal
 sends every worker back). This command asks for it (POST /admin/model, with
 the admin key from --admin-key or ADMIN_KEY) and prints what each worker

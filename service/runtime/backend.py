@@ -3,8 +3,8 @@
 Both backends answer the same awaitable calls with numpy arrays, so the
 endpoints do not care which layout is serving:
   - LocalBackend: the Predictor in this process; batches form in our own
-    batcher (service.batching) and run in a worker thread.
-  - RemoteBackend: the model service (service.model_service), reached through
+    batcher (service.runtime.batching) and run in a worker thread.
+  - RemoteBackend: the model service (service.runtime.model_service), reached through
     `bentoml.depends`; batches form in BentoML's adaptive batching there,
     across every API worker's requests.
 What a caller may ask (layer names, class range) is checked here, against the
@@ -29,15 +29,15 @@ import torch
 
 from model import store
 from model.attribution import AttributionRequest
-from model.checkpoint import Checkpoint, CheckpointError, Manifest, load_checkpoint, read_manifest
+from model.checkpoint import Checkpoint, CheckpointError, Manifest, check_compatible, load_checkpoint, read_manifest
 from model.inference import NullPredictor, Predictor, configure_cpu_threads
 from model.network import AlexNet
 from model.summary import LayerInfo, layer_table
-from service.atlas import Atlas
-from service.batching import Batcher
-from service.config import ServiceConfig
-from service.errors import Refusal
-from service.versions import ControlDir, check_compatible
+from service.runtime.atlas import Atlas
+from service.runtime.batching import Batcher
+from service.core.settings import ServiceConfig
+from service.core.refusals import Refusal
+from service.control.control_dir import ControlDir
 
 # Attributions (/explain, /gradcam) computed at once on this machine, beside the batcher's forwards: each
 # uses every core, and eight occlusion maps side by side oversubscribed two cores and spent 1.7x the CPU
@@ -45,7 +45,7 @@ from service.versions import ControlDir, check_compatible
 # each took twice the share of the cores from the batches that one did, so the goodput of a mix of
 # batches and occlusion maps depended on whether two /explain clients happened to connect to the same
 # worker (BENCHMARKS.md, goodput). So one per machine: they take turns on the server's control directory.
-# Admission holds the rest at the door (service.admission's lanes).
+# Admission holds the rest at the door (service.runtime.admission's lanes).
 ATTRIBUTIONS_AT_ONCE = 1
 
 

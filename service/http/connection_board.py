@@ -6,7 +6,7 @@ keeps it alive. A burst of connections at once -- 32 clients starting
 together -- can all land on one worker and stay there (seen: 28 on one and 4
 on the other for a whole run, 30 and 2 in another): that worker's event loop
 is then the bottleneck while the other idles, and the batches each forms are
-a few images. service.guards.SpreadConnections reads this board to tell when
+a few images. service.http.guards.SpreadConnections reads this board to tell when
 its worker holds more than its share, and closes the excess connections one
 answer at a time; the clients reconnect, and the accept goes to a worker that
 is free to take it first -- the less busy one.

@@ -1,6 +1,6 @@
-"""The Open Inference Protocol's routes (service.oip) in the OpenAPI spec.
+"""The Open Inference Protocol's routes (service.oip.app) in the OpenAPI spec.
 
-They are a mounted Starlette app, which BentoML does not put in /docs.json; service.rewrites
+They are a mounted Starlette app, which BentoML does not put in /docs.json; service.http.rewrites
 merges these paths and schemas in (amend_docs), as it does the introspection routes. The
 schemas are the protocol's (kserve/open-inference-protocol, inference_rest.md) with what this
 server adds: Triton's binary tensor data (an application/octet-stream body: the JSON, then the
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 
-from service.oip_codec import DATATYPES
+from service.oip.codec import DATATYPES
 
 TAG = "Open Inference Protocol (KServe v2)"
 TAG_DESCRIPTION = ("The [Open Inference Protocol](https://github.com/kserve/open-inference-protocol) (KServe v2 REST), "
@@ -271,7 +271,7 @@ def served_model() -> tuple[str, str | None]:
     from bentoml.exceptions import BentoMLException
 
     from model.store import DEFAULT_TAG
-    from service.oip import model_identity
+    from service.oip.app import model_identity
 
     try:
         return model_identity(bentoml.get_current_service().backend.current)

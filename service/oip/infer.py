@@ -1,4 +1,4 @@
-"""An Open Inference Protocol inference request (service.oip) against the model: which input, which
+"""An Open Inference Protocol inference request (service.oip.app) against the model: which input, which
 outputs with which parameters -- all checked against the served version before any work -- and the
 output tensors built from the backend's answers."""
 
@@ -9,8 +9,8 @@ import time
 import numpy as np
 
 from model.network import STAGES
-from service import oip_codec as codec
-from service.errors import Refusal
+from service.oip import codec
+from service.core.refusals import Refusal
 
 ENDPOINT = "v2_infer"  # the endpoint label of the metrics
 PREDICTED = ("probabilities", "top_k_labels", "top_k_scores", "top_k_indices", "embedding")

@@ -34,7 +34,7 @@ decode the images awaited, and answer the last batch's requests. A lone
 client is never more than one image present, so it never waits.
 
 A job that waited past `max_latency_s` before its batch started is refused
-(503 overloaded) instead of run late: admission control (service.admission)
+(503 overloaded) instead of run late: admission control (service.runtime.admission)
 keeps that rare, this is the backstop.
 """
 
@@ -49,7 +49,7 @@ from typing import Callable
 
 import numpy as np
 
-from service.errors import Refusal
+from service.core.refusals import Refusal
 
 
 @dataclass

@@ -10,7 +10,7 @@ the model's class names).
 
 from __future__ import annotations
 
-from service.endpoints import INFERENCE
+from service.core.endpoints import INFERENCE
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -60,6 +60,10 @@ class ServiceMetrics:
         )
         for result in ("ok", "refused"):
             self.model_swaps.labels(result)
+        self.follower_errors = prom.Counter(
+            "cnn_version_follower_errors_total",
+            "Errors of a worker's model-version follower (service.control.follower), by exception type; it "
+            "logs each and goes on following.", ["error"])
         self.model_worker_retries = prom.Counter(
             "cnn_model_worker_retries_total",
             "Calls to the split layout's model service whose worker died under them, by outcome: answered "
@@ -68,12 +72,12 @@ class ServiceMetrics:
         # Per worker process; a pod's figure is the sum (images) or the largest (load) over its workers.
         self.inflight_images = prom.Gauge("cnn_inflight_images",
                                           "Work admitted and not yet answered, in single-image forward passes "
-                                          "(decoding included: service.admission).",
+                                          "(decoding included: service.runtime.admission).",
                                           multiprocess_mode="livesum")
         self.admission_load = prom.Gauge(
             "cnn_admission_load",
             "Admitted work over what the worker admits -- its cap held to the latency budget, or a lane "
-            "of the model's bound (service.admission), whichever is nearer full (1 = full).",
+            "of the model's bound (service.runtime.admission), whichever is nearer full (1 = full).",
             multiprocess_mode="livemax",
         )
         self.gpu_allocated = prom.Gauge("cnn_gpu_memory_allocated_bytes", "GPU memory held by tensors.",

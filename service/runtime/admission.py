@@ -45,7 +45,7 @@ back by its lane holds back only the requests of its lane behind it.
 
 The rest of the design keeps refusals cheap, so that clients retrying at once
 (a retry storm) cannot eat the capacity:
-1. The door (service.guards.AdmitWhenRoom) decides before the body is read,
+1. The door (service.http.guards.AdmitWhenRoom) decides before the body is read,
    from the request line and Content-Length: units per body byte are learned
    per endpoint from the requests it parsed. Once the request is parsed, its
    exact cost replaces the estimate (`settle`). A refused body is never parsed.
@@ -77,11 +77,11 @@ class Ticket:
     body_bytes: int = 0
     admitted_at: float = 0.0
     queued: bool = False  # admitted while others were in flight
-    lane: str = ""  # the lane of the model it runs in (service.endpoints), if any
+    lane: str = ""  # the lane of the model it runs in (service.core.endpoints), if any
     share: float = 0.0  # what it takes of the lane: images (the batcher's), requests (the attributions')
 
 
-# The ticket of the request being handled: set by the door (service.guards), settled by the endpoint.
+# The ticket of the request being handled: set by the door (service.http.guards), settled by the endpoint.
 TICKET: contextvars.ContextVar[Ticket | None] = contextvars.ContextVar("admission_ticket", default=None)
 
 
@@ -99,7 +99,7 @@ class Admission:
         self.lanes = dict(lanes or {})  # lane -> the most of its shares in flight (service.service)
         self.in_lane = {lane: 0.0 for lane in self.lanes}  # shares in flight
         self.wait_seconds = wait_seconds
-        self.decode_seconds_per_byte = decode_seconds_per_byte  # measured at start-up (service.decoding)
+        self.decode_seconds_per_byte = decode_seconds_per_byte  # measured at start-up (service.runtime.decoding)
         self.forward_seconds_per_pass = 1 / max(initial_rate, 1e-3)
         self._forward_batches = 0
         self.work_factors: dict[str, float] = {}  # per kind of unbatched work: real cost per nominal pass

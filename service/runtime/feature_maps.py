@@ -15,8 +15,8 @@ import torch
 from model.network import AlexNet
 from model.summary import LayerInfo
 from model.visualize import encode_png, feature_map_grid
-from service.errors import Refusal
-from service.schemas import ArrayPayload, ChannelStats, LayerFeatureMaps
+from service.core.refusals import Refusal
+from service.core.schemas import ArrayPayload, ChannelStats, LayerFeatureMaps
 
 
 @dataclass(frozen=True)

@@ -24,12 +24,12 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from model.attribution import AttributionRequest
-from service.backend import (
+from service.runtime.backend import (
     ModelVersion, build_predictor, describe_predictor, load_or_exit, load_version, locate_model, version_key,
 )
-from service.config import CONFIG, Layout
-from service.metrics import ServiceMetrics
-from service.versions import follow_versions
+from service.core.settings import CONFIG, Layout
+from service.core.metrics import ServiceMetrics
+from service.control.follower import follow_versions
 
 LAYOUT = Layout.choose(CONFIG)
 
@@ -41,7 +41,7 @@ class ExplainPayload(BaseModel):
     input_map: np.ndarray
     signed: bool
     layer_map: np.ndarray  # empty (0, 0) for the methods without one: BentoML's schemas take no `ndarray | None`
-    version_key: int  # the version that computed it (service.backend.version_key)
+    version_key: int  # the version that computed it (service.runtime.backend.version_key)
 
 
 def _device_for_worker() -> torch.device:
@@ -87,7 +87,7 @@ class ModelService:
     @bentoml.api(batchable=True, max_batch_size=CONFIG.max_batch_size, max_latency_ms=CONFIG.max_latency_ms)
     def predict(self, images: np.ndarray) -> np.ndarray:
         """uint8 (N, S, S, 3) -> float32 (N, classes + D + 2): probabilities | embedding | forward seconds / N |
-        the key of the version that ran the batch (service.backend.version_key)."""
+        the key of the version that ran the batch (service.runtime.backend.version_key)."""
         version = self.current
         output = version.predictor.predict(torch.from_numpy(images).permute(0, 3, 1, 2))
         self.metrics.observe_batch(len(images), output.forward_seconds)

@@ -1,7 +1,7 @@
 """Every route the service answers, declared once.
 
-The guards (service.guards), the metrics (service.metrics) and the OpenAPI
-amendments (service.rewrites) read this table, so a new endpoint lands by
+The guards (service.http.guards), the metrics (service.core.metrics) and the OpenAPI
+amendments (service.http.rewrites) read this table, so a new endpoint lands by
 adding a line here and its handler -- not by editing lists in each of them.
 
 Auth is closed by default: with API_KEY set, every path needs the key but the
@@ -25,7 +25,7 @@ class Endpoint:
     # run the model. Admission then charges each request its cost (service.service._admitted).
     sheddable: bool = False
     cost: str = ""  # what admission charges one request, in single-image forward passes (for the spec)
-    # The lane of the model it runs in, whose bound admission also holds it to (service.admission):
+    # The lane of the model it runs in, whose bound admission also holds it to (service.runtime.admission):
     # "batch" (its images go through the batcher) or "attribution" (one at a time on the machine).
     lane: str = ""
     prefix: bool = False  # also every path under it (mounted static files)
@@ -51,17 +51,17 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("/feature_maps", sheddable=True, cost="one forward pass"),
     Endpoint("/gradcam", sheddable=True, lane="attribution", cost="three forward passes (Grad-CAM: a forward and a backward pass)"),
     Endpoint("/explain", sheddable=True, lane="attribution", cost="the method's forward passes (`forward_passes` in the answer)"),
-    # the Open Inference Protocol (service.oip): infer needs the key and sheds like the others; health is open
+    # the Open Inference Protocol (service.oip.app): infer needs the key and sheds like the others; health is open
     Endpoint("/v2/models/{name}[/versions/{version}]/infer", sheddable=True, lane="batch", metric="v2_infer",
              pattern=r"/v2/models/[^/]+(/versions/[^/]+)?/infer",
              cost="one forward pass per image (two with feature maps)"),
     Endpoint("/v2/health/live", "GET", open=True),
     Endpoint("/v2/health/ready", "GET", open=True),
-    # introspection (service.introspection)
+    # introspection (service.http.introspection)
     Endpoint("/model", "GET"),
     Endpoint("/kernels", "GET"),
     Endpoint("/atlas", "GET"),
-    # administration (service.versions): move every worker to another model version
+    # administration (service.control.moves): move every worker to another model version
     Endpoint("/admin/model", admin=True),
     # open: health probes, metrics, the spec and BentoML's page showing it, the inspector's files
     Endpoint("/livez", "GET", open=True),
@@ -89,7 +89,7 @@ def lane_of(label: str) -> str:
 
 
 def speaks_oip(path: str) -> bool:
-    """A path of the Open Inference Protocol (service.oip), whose error bodies are its {"error": "..."}."""
+    """A path of the Open Inference Protocol (service.oip.app), whose error bodies are its {"error": "..."}."""
     return path == "/v2" or path.startswith("/v2/")
 
 

@@ -10,7 +10,7 @@ takes milliseconds: lower MAX_LATENCY_MS there to tighten the promise.
 
 Layout (LAYOUT):
   single  one kind of process: each API worker decodes, batches (its own
-          batcher, service.batching) and runs its own copy of the model. The
+          batcher, service.runtime.batching) and runs its own copy of the model. The
           fastest on a CPU-only box, where the model and the frontend share
           the same cores anyway (BENCHMARKS.md: split costs ~1 core-ms more
           per image for the hop between processes). One worker per core, up
@@ -74,11 +74,11 @@ class ServiceConfig:
     # req/s, refusals 36 ms, accepted p99 330-371 ms.
     admission_target: float = 0.7
     # A request that does not fit waits this long at the door for room before it is refused
-    # (service.admission): clients that retry at once then cost one refusal per wait, not thousands
+    # (service.runtime.admission): clients that retry at once then cost one refusal per wait, not thousands
     # a second. Default (from_env): 15% of MAX_LATENCY_MS, so a request admitted at the end of its
     # wait is still answered within wait + ADMISSION_TARGET = 85% of the budget.
     admission_wait_ms: int = 150
-    # The batches' lane (service.admission): images in flight through the batcher, per worker, in full
+    # The batches' lane (service.runtime.admission): images in flight through the batcher, per worker, in full
     # batches (MAX_BATCH_SIZE each); more only wait, decoded, at a cost. 0: chosen by where the model
     # runs (`batches_in_flight`).
     admission_batches: float = 0.0
@@ -91,7 +91,7 @@ class ServiceConfig:
     torch_threads: int = 0  # intra-op threads per forward; 0 = every core
     max_concurrency: int = 256  # requests in flight per API worker before BentoML answers 503
     # Close connections of a worker that serves more than its share of them, so that they spread over
-    # the API workers (service.guards.SpreadConnections).
+    # the API workers (service.http.guards.SpreadConnections).
     spread_connections: bool = True
     request_timeout_s: int = 30
     retry_after_s: int = 1

@@ -1,7 +1,7 @@
 """Rewrites of responses on their way out: uniform error bodies, and the
 OpenAPI spec amended with what BentoML cannot know (the /ui link, the
-refusals our guards return, read from service.endpoints). Pure ASGI `send`
-wrappers, used by service.guards.
+refusals our guards return, read from service.core.endpoints). Pure ASGI `send`
+wrappers, used by service.http.guards.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import json
 import logging
 from importlib import metadata
 
-from service import endpoints
-from service.oip_spec import add_oip
+from service.core import endpoints
+from service.oip.spec import add_oip
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def uniform_errors(send, scope: dict | None = None):
     BentoML's own refusals come as a one-element list, or with a list of
     pydantic errors as `detail`, which contradicts the 400 schema BentoML
     itself puts in the OpenAPI spec (found by schemathesis). The guards'
-    refusals are rendered right already (service.errors) and pass untouched:
+    refusals are rendered right already (service.core.refusals) and pass untouched:
     under a retry storm, refusals are most of the requests, and buffering and
     re-parsing each body cost about as much as the rest of a refusal."""
 
@@ -109,7 +109,7 @@ ERROR_RESPONSES = {
 
 _ERROR_BODY = {"application/json": {"schema": {"$ref": "#/components/schemas/InvalidArgument"}}}
 
-# The GET endpoints of service.introspection: mounted Starlette routes, which
+# The GET endpoints of service.http.introspection: mounted Starlette routes, which
 # BentoML does not put in the spec itself.
 INTROSPECTION_PATHS = {
     "/model": {"get": {
@@ -234,7 +234,7 @@ def amend_docs(send):
     """The OpenAPI spec, amended: valid OpenAPI 3.1 (valid_openapi_31), a link to /ui
     (BentoML's page at / shows this description), the refusals the inference endpoints
     really return, and the routes BentoML does not know of: the GET endpoints of
-    service.introspection and the Open Inference Protocol's (service.oip_spec)."""
+    service.http.introspection and the Open Inference Protocol's (service.oip.spec)."""
 
     def transform(status, headers, body):
         if status != 200:

@@ -10,7 +10,7 @@ import base64
 import binascii
 from pathlib import Path
 
-from service.errors import Refusal
+from service.core.refusals import Refusal
 
 
 def collect_payloads(files: list | None, encoded: list[str] | None, plural: bool, max_images: int = 1) -> list[bytes]:

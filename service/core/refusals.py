@@ -3,7 +3,7 @@
 The one place error bodies are written: the endpoints raise (or model/ raises
 its typed errors, model.errors), `refusal_for` maps what was raised to a
 Refusal once, and a Refusal renders itself -- as a Starlette response, which
-is also an ASGI app, so the guards in front of BentoML (service.guards) send
+is also an ASGI app, so the guards in front of BentoML (service.http.guards) send
 the very same bodies.
 """
 
@@ -30,14 +30,14 @@ class Refusal(Exception):
     @classmethod
     def model_unavailable(cls, retry_after_s: int, detail: str) -> Refusal:
         """503 + Retry-After: the split layout's model worker stopped mid-request and was not back within
-        the latency budget (service.backend.RemoteBackend); BentoML is starting another."""
+        the latency budget (service.runtime.backend.RemoteBackend); BentoML is starting another."""
         return cls(503, "model_unavailable", detail, {"Retry-After": str(retry_after_s)})
 
     def response(self) -> JSONResponse:
         return JSONResponse(error_body(self.reason, self.detail), status_code=self.status, headers=self.headers)
 
     def oip_response(self) -> JSONResponse:
-        """The Open Inference Protocol's error body (service.oip): one message, reason code first."""
+        """The Open Inference Protocol's error body (service.oip.app): one message, reason code first."""
         return JSONResponse({"error": f"{self.reason}: {self.detail}"}, status_code=self.status, headers=self.headers)
 
 

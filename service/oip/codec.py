@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.errors import Refusal
-from service.inputs import b64decode
+from service.core.refusals import Refusal
+from service.core.inputs import b64decode
 
 NUMPY_DTYPES = {"UINT8": np.uint8, "INT64": np.int64, "FP32": np.float32}
 DATATYPES = ("BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",

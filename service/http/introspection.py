@@ -1,6 +1,6 @@
 """GET endpoints for looking inside the model: the manifest with its layer
 table, the learned kernels as a picture, the channel atlas, and the
-feature-map inspector page (static files under service/ui, served at /ui).
+feature-map inspector page (static files under service/http/ui, served at /ui).
 
 A small Starlette app mounted on the service (BentoML APIs are POST-only);
 its handlers reach the running service through bentoml.get_current_service().
@@ -21,14 +21,14 @@ from starlette.staticfiles import StaticFiles
 
 from model.checkpoint import CheckpointError
 from model.visualize import encode_png, kernel_grid
-from service import versions
-from service.errors import Refusal, refusal_for
+from service.control.moves import request_move
+from service.core.refusals import Refusal, refusal_for
 
 UI_DIR = Path(__file__).parent / "ui"
 
 
 def admission_state(admission) -> dict:
-    """Admission control's state in this worker (service.admission): work in single-image forward-pass
+    """Admission control's state in this worker (service.runtime.admission): work in single-image forward-pass
     equivalents (decoding included), the cap on it, what is in each lane of the model (images in the
     batcher's, requests in the attributions') and its bound, the time answers took, the line at the door."""
     return {"inflight_requests": admission.requests, "inflight_units": round(admission.inflight, 2),
@@ -73,7 +73,7 @@ async def describe_model(service) -> dict:
             "max_feature_map_bytes": config.max_feature_map_bytes,
         },
         "layers": [row.to_dict() for row in service.layers.values()],
-        # what every worker serves, from the moves' control directory (service.versions)
+        # what every worker serves, from the moves' control directory (service.control.control_dir)
         "workers": [status.to_dict() for status in service.versions.control.statuses()],
     }
 
@@ -115,7 +115,7 @@ async def atlas(request: Request) -> Response:
 
 
 def _refused(err: Exception, service) -> Response:
-    """A refusal's answer (service.errors, as the POST endpoints give it); anything else is a fault."""
+    """A refusal's answer (service.core.refusals, as the POST endpoints give it); anything else is a fault."""
     refusal = refusal_for(err, service.config.retry_after_s)
     if refusal is None:
         raise err
@@ -123,7 +123,7 @@ def _refused(err: Exception, service) -> Response:
 
 
 async def move_model(request: Request) -> Response:
-    """POST {"tag": "cnn-classifier:<version>"}: move every worker to that version (service.versions),
+    """POST {"tag": "cnn-classifier:<version>"}: move every worker to that version (service.control.moves),
     answering when all serve it, or saying which did not and why (then all are back on the old one).
     409 move_in_progress while another move runs: moves are not queued."""
     service = bentoml.get_current_service()
@@ -136,11 +136,11 @@ async def move_model(request: Request) -> Response:
     expected = service.layout.api_workers + service.layout.model_workers
     try:  # one move at a time across the workers; the version checked (not built) before any moves
         result = await anyio.to_thread.run_sync(
-            lambda: versions.request_move(service.versions.control, tag, lambda: service.backend.current, expected,
-                                          float(service.config.request_timeout_s * 4),
-                                          on_refused=service.metrics.model_swaps.labels("refused").inc))
-    except versions.MoveRefused as err:
-        return Refusal(err.status, err.reason, err.detail).response()
+            lambda: request_move(service.versions.control, tag, lambda: service.backend.current, expected,
+                                 float(service.config.request_timeout_s * 4),
+                                 on_refused=service.metrics.model_swaps.labels("refused").inc))
+    except Refusal as refusal:
+        return refusal.response()
     if not result.moved:
         return JSONResponse({"error": result.reason, "detail": result.detail, **result.to_dict()}, status_code=409)
     return JSONResponse(result.to_dict())

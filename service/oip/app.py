@@ -10,12 +10,12 @@ and no new dependency.
 
 Each request goes the way the other endpoints' do, through the same pieces of the running
 service (bentoml.get_current_service()): the guards (API key, body limit, shedding with 503 +
-Retry-After; service.endpoints declares these routes), admission, the decoder (BYTES), the
+Retry-After; service.core.endpoints declares these routes), admission, the decoder (BYTES), the
 backend's batcher (probabilities, embeddings) and activations (feature maps), the metrics
-(endpoint label "v2_infer"), and model/'s typed errors mapped to 4xx once (service.errors).
+(endpoint label "v2_infer"), and model/'s typed errors mapped to 4xx once (service.core.refusals).
 Errors are the protocol's {"error": "<reason>: <detail>"}. The routes and the model's metadata
-are here; what an inference request asks and how its outputs are built, in service.oip_infer;
-the wire format, in service.oip_codec.
+are here; what an inference request asks and how its outputs are built, in service.oip.infer;
+the wire format, in service.oip.codec.
 
 Inputs (exactly one): `images` BYTES [N] (encoded images, as /classify takes them), or
 `pixels` UINT8 [N, S, S, 3] (resized and cropped by the client: model.client_preprocess).
@@ -36,10 +36,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from model.store import DEFAULT_TAG
-from service import oip_codec as codec
-from service import oip_infer
-from service.errors import Refusal, refusal_for
-from service.oip_infer import ENDPOINT
+from service.oip import codec
+from service.oip import infer as oip_infer
+from service.core.refusals import Refusal, refusal_for
+from service.oip.infer import ENDPOINT
 
 EXTENSIONS = ["binary_tensor_data", "classification"]
 

@@ -4,13 +4,13 @@ service.service in the order they run:
   SpreadConnections  `Connection: close` on an answer of a worker serving more than its share of
                   the client connections, so that they spread over the API workers
   UniformErrors   every error body as the documented {"error", "detail"} (the Open Inference
-                  Protocol's paths, /v2/..., answer its {"error": "..."} instead; service.oip)
-  AmendDocs       /docs.json amended with what BentoML cannot know (service.rewrites)
+                  Protocol's paths, /v2/..., answer its {"error": "..."} instead; service.oip.app)
+  AmendDocs       /docs.json amended with what BentoML cannot know (service.http.rewrites)
   AddRetryAfter   Retry-After on every 503
-  RequireApiKey   401 without the key, on every path not declared open (service.endpoints)
+  RequireApiKey   401 without the key, on every path not declared open (service.core.endpoints)
   RequireAdminKey 401 without ADMIN_KEY on the admin paths; 403 when none is set (they are off)
   AdmitWhenRoom   admission control's door: inference admitted at its estimated cost, or held in
-                  line for room, or refused (503) -- before the body is read (service.admission)
+                  line for room, or refused (503) -- before the body is read (service.runtime.admission)
   LimitBody       413 over MAX_BODY_BYTES; reads the body once and passes it on whole
   CheckMultipart  400 for a multipart body BentoML would choke on, or text in a file field
 
@@ -26,10 +26,10 @@ import hmac
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from service import endpoints
-from service.admission import TICKET
-from service.errors import Refusal
-from service.rewrites import UNIFORM_ALREADY, amend_docs, uniform_errors
+from service.core import endpoints
+from service.runtime.admission import TICKET
+from service.core.refusals import Refusal
+from service.http.rewrites import UNIFORM_ALREADY, amend_docs, uniform_errors
 
 # Multipart fields that must carry uploaded files. BentoML would treat a plain
 # text value in such a field as a URL and download it (server-side request
@@ -53,13 +53,13 @@ class _Guard:
 
     @staticmethod
     async def refuse(refusal: Refusal, scope, receive, send) -> None:
-        scope[UNIFORM_ALREADY] = True  # rendered by service.errors: UniformErrors need not rewrite it
+        scope[UNIFORM_ALREADY] = True  # rendered by service.core.refusals: UniformErrors need not rewrite it
         oip = endpoints.speaks_oip(scope.get("path", ""))
         await (refusal.oip_response() if oip else refusal.response())(scope, receive, send)
 
 
 class SpreadConnections(_Guard):
-    """Keep each API worker's share of the client connections even (service.connection_board): a
+    """Keep each API worker's share of the client connections even (service.http.connection_board): a
     worker that serves more active connections than its share closes the connection of the request
     at hand (`Connection: close` on its answer), one answer at a time, until it is back to its share;
     the client reconnects, to whichever worker accepts first. No connection is closed while the
@@ -74,8 +74,8 @@ class SpreadConnections(_Guard):
         if self._board is None:
             import bentoml
 
-            from service.connection_board import ConnectionBoard
-            from service.versions import ControlDir
+            from service.http.connection_board import ConnectionBoard
+            from service.control.control_dir import ControlDir
 
             slot = (bentoml.server_context.worker_index or 1) - 1
             self._board = ConnectionBoard(ControlDir.for_this_server().path / "connections", self.workers,
@@ -102,7 +102,7 @@ class SpreadConnections(_Guard):
 
 class UniformErrors(_Guard):
     async def guard(self, scope, receive, send):
-        if endpoints.speaks_oip(scope.get("path", "")):  # its own error bodies (service.oip)
+        if endpoints.speaks_oip(scope.get("path", "")):  # its own error bodies (service.oip.app)
             return await self.app(scope, receive, send)
         await self.app(scope, receive, uniform_errors(send, scope))
 
@@ -161,7 +161,7 @@ class RequireApiKey(_Check):
 
 
 class RequireAdminKey(_Check):
-    """setting: ADMIN_KEY. The admin endpoints (service.endpoints, `admin=True`) need it; with none set
+    """setting: ADMIN_KEY. The admin endpoints (service.core.endpoints, `admin=True`) need it; with none set
     they are off: moving the served model is a deliberate opt-in (SECURITY.md)."""
 
     def check(self, scope) -> Refusal | None:
@@ -173,7 +173,7 @@ class RequireAdminKey(_Check):
 
 
 class AdmitWhenRoom(_Guard):
-    """Admission control's door (service.admission), before the body is read: a request to an endpoint
+    """Admission control's door (service.runtime.admission), before the body is read: a request to an endpoint
     that runs the model is admitted at a cost estimated from its Content-Length, waits in line for
     room, or is refused (503 + Retry-After) with its body unread. Its ticket is held until the answer
     is sent; the endpoint settles it to the exact cost once the request is parsed."""

@@ -24,7 +24,7 @@ import torch
 
 from model.config import Preprocessing
 from model.preprocess import DecodeLimits, ImageRejected, load_pixels, open_header
-from service.errors import Refusal
+from service.core.refusals import Refusal
 
 
 def refusal_for(err: ImageRejected, index: int, count: int) -> Refusal:
@@ -105,7 +105,7 @@ class Decoder:
 def decode_seconds_per_byte(prep: Preprocessing, limits: DecodeLimits) -> float:
     """What decoding costs per encoded byte on this machine, measured once at start-up on a 640x480
     q90 JPEG of a smooth gradient with noise (photo-like entropy): admission control converts a
-    request's bytes into forward-pass equivalents with it (service.admission)."""
+    request's bytes into forward-pass equivalents with it (service.runtime.admission)."""
     import io
 
     from PIL import Image

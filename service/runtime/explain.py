@@ -10,9 +10,9 @@ import numpy as np
 import torch
 
 from model.visualize import encode_png, heatmap_rgba
-from service.feature_maps import float16_payload
+from service.runtime.feature_maps import float16_payload
 from model.attribution import AttributionRequest
-from service.schemas import ExplainResponse, GradCamResponse
+from service.core.schemas import ExplainResponse, GradCamResponse
 
 
 async def gradcam(service, image: np.ndarray, request: AttributionRequest) -> GradCamResponse:

@@ -22,7 +22,7 @@ from model.checkpoint import Manifest, read_attached
 from model.errors import UnknownLayer
 from model.summary import check_channels
 from model.visualize import encode_png
-from service.errors import Refusal
+from service.core.refusals import Refusal
 
 MIN_SHOWN = 48  # tiles smaller than this (conv1's 5-11 px fields) are enlarged, pixel for pixel
 
