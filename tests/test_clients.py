@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +16,9 @@ import numpy as np
 import pytest
 from bentoml.exceptions import BentoMLException
 
-from testkit.server import ROOT
+from testkit.docs import code_block
 
 pytestmark = pytest.mark.slow
-README = (ROOT / "README.md").read_text()
 METHODS = ("gradcam", "guided_backprop", "deconvolution", "occlusion", "integrated_gradients")
 
 
@@ -141,18 +139,14 @@ print(json.dumps({{"labels": [s.label for s in classified.predictions[0].top_k],
     assert len(answer["labels"]) == 2 and answer["layer"] == "conv2" and answer["stats"] == 3
 
 
-# ----- the README's examples, extracted from README.md itself --------------------------------
+# ----- the README's examples, extracted from README.md itself ---------------------------------
 
 
-def readme_block(language: str, containing: str) -> str:
-    blocks = re.findall(rf"```{language}\n(.*?)```", README, re.S)
-    (block,) = [b for b in blocks if containing in b]
-    return block
 
 
 def readme_curl_commands() -> list[str]:
-    """Every curl command of the README's "Calling the service" block, continuation lines joined."""
-    block = readme_block("bash", "curl -F images=@cat.jpg").replace("\\\n", " ")
+    """Every curl command of the README's "First requests" block, continuation lines joined."""
+    block = code_block("bash", "curl -F images=@cat.jpg").replace("\\\n", " ")
     return [line.strip() for line in block.splitlines() if line.strip().startswith("curl ")]
 
 
@@ -176,7 +170,7 @@ def test_readme_curl_example_works(server, images, command, tmp_path):
 def test_readme_python_example_prints_results(server, images, tmp_path):
     for name, path in images.items():
         (tmp_path / name).write_bytes(path.read_bytes())
-    program = readme_block("python", "bentoml.SyncHTTPClient").replace("http://127.0.0.1:3000", server.url)
+    program = code_block("python", "bentoml.SyncHTTPClient").replace("http://127.0.0.1:3000", server.url)
     result = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -44,22 +44,22 @@ def test_impolite_clients_get_answers_or_fast_refusals_and_the_service_lives(sto
     assert statuses <= {"200", "503"}, statuses
 
 
-def test_the_door_refuses_before_reading_the_body_and_admits_from_the_line(monkeypatch):
+def test_the_door_refuses_before_reading_the_body_and_admits_from_the_line():
     """AdmitWhenRoom on a full worker: a request waits in line, body unread, and is refused (503 +
     Retry-After) without one byte of its body received; one that finds room meanwhile is admitted."""
     import asyncio
     from types import SimpleNamespace
 
-    import bentoml
-
-    from service.runtime.admission import Admission
+    from service.core.running import Running
     from service.http.guards import AddRetryAfter, AdmitWhenRoom
+    from service.runtime.admission import Admission
 
     admission = Admission(budget_seconds=1.0, initial_rate=10.0, wait_seconds=0.2)
     counter = SimpleNamespace(inc=lambda: None)
-    service = SimpleNamespace(admission=admission, metrics=SimpleNamespace(
+    pipeline = SimpleNamespace(admission=admission, metrics=SimpleNamespace(
         refusals=SimpleNamespace(labels=lambda *labels: counter), observe_admission=lambda admission: None))
-    monkeypatch.setattr(bentoml, "get_current_service", lambda: service)
+    running = Running()
+    running.service = SimpleNamespace(pipeline=pipeline)
     reached = []
 
     async def app(scope, receive, send):
@@ -68,7 +68,7 @@ def test_the_door_refuses_before_reading_the_body_and_admits_from_the_line(monke
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
 
-    guard = AddRetryAfter(AdmitWhenRoom(app, retry_after_s=1), retry_after_s=1)
+    guard = AddRetryAfter(AdmitWhenRoom(app, retry_after_s=1, running=running), retry_after_s=1)
 
     async def call() -> tuple[int, dict, int]:
         received, sent = [0], []

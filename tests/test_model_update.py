@@ -27,6 +27,7 @@ from service.control.moves import move_all
 from service.core.refusals import Refusal
 from testkit.images import shape_png
 from testkit.models import untrained_checkpoint
+from testkit.docs import code_block
 from testkit.server import ROOT, start_server
 
 ADMIN_KEY = "change-me"  # the README's
@@ -414,9 +415,8 @@ def test_updates_are_off_without_an_admin_key(server):
 
 
 def readme_update_commands() -> list[str]:
-    """The commands of the README's "Updating the model" block, continuation lines joined."""
-    readme = (ROOT / "README.md").read_text()
-    (block,) = [b for b in re.findall(r"```bash\n(.*?)```", readme, re.S) if "serve-version" in b]
+    """The commands of the "Updating the model" block (docs/operations.md), continuation lines joined."""
+    block = code_block("bash", "serve-version")
     return [line.strip() for line in block.replace("\\\n", " ").splitlines()
             if line.strip() and not line.strip().startswith("#")]
 

@@ -22,6 +22,7 @@ import pytest
 
 from model.client_preprocess import client_pixels
 from testkit.metrics import metric_samples, metric_sum
+from testkit.docs import code_block
 from testkit.server import API_KEY, ROOT, start_server
 
 KSERVE_PYTHON = ROOT / ".venv" / "peers" / "kserve" / "bin" / "python"
@@ -440,23 +441,24 @@ def test_client_pixels_equal_the_servers_decoding(images):
     assert (client_pixels([as_array], 72, 64) == made[1:]).all()  # decoded by the client (PNG: lossless)
 
 
-def test_oip_infer_is_declared_sheddable_and_its_refusals_keep_the_protocols_body(monkeypatch):
+def test_oip_infer_is_declared_sheddable_and_its_refusals_keep_the_protocols_body():
     """Admission's door and the API key in front of /v2/...: their refusals are {"error": "..."} too."""
-    import bentoml
     from starlette.applications import Starlette
     from starlette.responses import PlainTextResponse
     from starlette.routing import Route
 
     from service.core import endpoints
-    from service.runtime.admission import Admission
+    from service.core.running import Running
     from service.http.guards import AddRetryAfter, AdmitWhenRoom, RequireApiKey, UniformErrors
+    from service.runtime.admission import Admission
 
     counter = SimpleNamespace(inc=lambda: None)
     admission = Admission(budget_seconds=0.1, initial_rate=10.0)
     assert admission.try_admit(5) and admission.full()  # half a second of work admitted: no room
     full = SimpleNamespace(admission=admission,
                            metrics=SimpleNamespace(refusals=SimpleNamespace(labels=lambda *labels: counter)))
-    monkeypatch.setattr(bentoml, "get_current_service", lambda: full)
+    running = Running()
+    running.service = SimpleNamespace(pipeline=full)  # a worker whose pipeline is full
     assert endpoints.is_sheddable("POST", "/v2/models/m/versions/2/infer")
     assert endpoints.find("/v2/models/m/infer").label == "v2_infer"
     assert endpoints.is_open("/v2/health/ready") and not endpoints.is_open("/v2/models/m")
@@ -465,7 +467,7 @@ def test_oip_infer_is_declared_sheddable_and_its_refusals_keep_the_protocols_bod
         return PlainTextResponse("reached")
 
     inner = Starlette(routes=[Route("/v2/models/{m}/infer", reached, methods=["POST"])])
-    app = UniformErrors(AddRetryAfter(RequireApiKey(AdmitWhenRoom(inner, retry_after_s=1), setting="k"), retry_after_s=1))
+    app = UniformErrors(AddRetryAfter(RequireApiKey(AdmitWhenRoom(inner, retry_after_s=1, running=running), setting="k"), retry_after_s=1))
 
     async def call(headers):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
@@ -483,6 +485,7 @@ def test_amended_spec_lists_the_oip_routes_and_stays_valid_openapi():
     (before a model is loaded: the store's model name as the example, no version)."""
     from openapi_spec_validator import validate
 
+    from service.core.running import Running
     from service.http.rewrites import amend_docs
 
     bentoml_spec = {"openapi": "3.0.2", "info": {"title": "CNNService", "version": "None"}, "paths": {},
@@ -494,7 +497,7 @@ def test_amended_spec_lists_the_oip_routes_and_stays_valid_openapi():
         sent.append(message)
 
     async def serve():
-        wrapped = amend_docs(send)
+        wrapped = amend_docs(send, Running())  # the service not started yet
         await wrapped({"type": "http.response.start", "status": 200,
                        "headers": [(b"content-type", b"application/json")]})
         await wrapped({"type": "http.response.body", "body": json.dumps(bentoml_spec).encode()})
@@ -515,22 +518,16 @@ def test_amended_spec_lists_the_oip_routes_and_stays_valid_openapi():
 # ----- the README's examples, as written ----------------------------------------------------------
 
 
-def _readme_block(language: str, containing: str) -> str:
-    blocks = re.findall(rf"```{language}\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
-    (block,) = [b for b in blocks if containing in b]
-    return block
-
-
 @pytest.mark.slow
 def test_readme_oip_examples_run_as_written(server, images, tmp_path):
     for name, path in images.items():
         (tmp_path / name).write_bytes(path.read_bytes())
-    program = _readme_block("python", "tritonclient.http").replace("127.0.0.1:3000", server.url.removeprefix("http://"))
+    program = code_block("python", "tritonclient.http").replace("127.0.0.1:3000", server.url.removeprefix("http://"))
     result = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     printed = result.stdout.strip().splitlines()
     assert len(printed) == 3 and "conv1 (2, 2, " in printed[1]
-    block = _readme_block("bash", "/v2/models/cnn-classifier")
+    block = code_block("bash", "/v2/models/cnn-classifier")
     commands = [line for line in block.splitlines() if line.startswith("curl ")]
     assert len(commands) == 2
     for command in commands:

@@ -114,9 +114,9 @@ class ServiceMetrics:
         self.batch_size.labels(self.device).observe(size)
         self.forward_seconds.labels("batch", self.device).observe(forward_seconds)
 
-    def observe_predictions(self, top_labels: list[str], top_probabilities: list[float]) -> None:
-        """/classify's answers: images, top-1 class and its probability."""
-        self.images.labels("classify").inc(len(top_labels))
+    def observe_predictions(self, endpoint: str, top_labels: list[str], top_probabilities: list[float]) -> None:
+        """Answered images: how many, and each one's top-1 class and its probability (drift signals)."""
+        self.images.labels(endpoint).inc(len(top_labels))
         for label, probability in zip(top_labels, top_probabilities):
             self.predictions.labels(label).inc()
             self.confidence.observe(probability)

@@ -27,9 +27,10 @@ import hmac
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from service.core import endpoints
-from service.runtime.admission import TICKET
 from service.core.refusals import Refusal
+from service.core.running import Running
 from service.http.rewrites import UNIFORM_ALREADY, amend_docs, uniform_errors
+from service.runtime.admission import TICKET
 
 # Multipart fields that must carry uploaded files. BentoML would treat a plain
 # text value in such a field as a URL and download it (server-side request
@@ -108,9 +109,13 @@ class UniformErrors(_Guard):
 
 
 class AmendDocs(_Guard):
+    def __init__(self, app, running: Running):
+        super().__init__(app)
+        self.running = running
+
     async def guard(self, scope, receive, send):
         if scope.get("path") == "/docs.json":
-            send = amend_docs(send)
+            send = amend_docs(send, self.running)
         await self.app(scope, receive, send)
 
 
@@ -178,24 +183,25 @@ class AdmitWhenRoom(_Guard):
     room, or is refused (503 + Retry-After) with its body unread. Its ticket is held until the answer
     is sent; the endpoint settles it to the exact cost once the request is parsed."""
 
-    def __init__(self, app, retry_after_s: int):
+    def __init__(self, app, retry_after_s: int, running: Running):
         super().__init__(app)
         self.retry_after_s = retry_after_s
+        self.running = running
 
     async def guard(self, scope, receive, send):
         path, method = scope.get("path", ""), scope.get("method", "")
-        service = _current_service() if endpoints.is_sheddable(method, path) else None
-        admission = getattr(service, "admission", None)
-        if admission is None:
+        pipeline = self.running.pipeline if endpoints.is_sheddable(method, path) else None
+        if pipeline is None:  # not an inference endpoint, or the service not started: BentoML answers
             return await self.app(scope, receive, send)
+        admission, metrics = pipeline.admission, pipeline.metrics
         endpoint, body_bytes = endpoints.find(path), _content_length(scope) or 0
         label, lane = endpoint.label, endpoint.lane
         ticket = await admission.enter(admission.door_estimate(label, body_bytes), label, body_bytes, lane,
                                        admission.door_share(label, body_bytes) if lane else 0.0)
         if ticket is None:
-            service.metrics.refusals.labels(label, "overloaded").inc()
+            metrics.refusals.labels(label, "overloaded").inc()
             return await self.refuse(Refusal.overloaded(self.retry_after_s), scope, receive, send)
-        service.metrics.observe_admission(admission)
+        metrics.observe_admission(admission)
         status = 0
 
         async def note_status(message):
@@ -210,7 +216,7 @@ class AdmitWhenRoom(_Guard):
         finally:
             TICKET.reset(token)
             admission.release(ticket, served=status == 200)
-            service.metrics.observe_admission(admission)
+            metrics.observe_admission(admission)
 
 
 class LimitBody(_Guard):
@@ -259,12 +265,6 @@ def _bearer_matches(scope, key: str) -> bool:
     scheme, _, token = value.partition(b" ")
     # compare_digest: the time taken does not reveal how much of the key matched
     return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key.encode())
-
-
-def _current_service():
-    import bentoml
-
-    return bentoml.get_current_service()
 
 
 def _header(scope, name: bytes) -> bytes | None:
@@ -356,14 +356,15 @@ def _multipart_boundary(content_type: bytes) -> bytes | None:
     return None
 
 
-def add_guards(service_class, config, layout) -> None:
-    """Put the guards in front of the service, outermost first (BentoML's add_asgi_middleware)."""
+def add_guards(service_class, config, layout, running: Running) -> None:
+    """Put the guards in front of the service, outermost first (BentoML's add_asgi_middleware); those that
+    need the worker's pipeline reach it through `running`."""
     service_class.add_asgi_middleware(SpreadConnections, workers=layout.api_workers if config.spread_connections else 1)
     service_class.add_asgi_middleware(UniformErrors)
-    service_class.add_asgi_middleware(AmendDocs)
+    service_class.add_asgi_middleware(AmendDocs, running=running)
     service_class.add_asgi_middleware(AddRetryAfter, retry_after_s=config.retry_after_s)
     service_class.add_asgi_middleware(RequireApiKey, setting=config.api_key)
     service_class.add_asgi_middleware(RequireAdminKey, setting=config.admin_key)
-    service_class.add_asgi_middleware(AdmitWhenRoom, retry_after_s=config.retry_after_s)
+    service_class.add_asgi_middleware(AdmitWhenRoom, retry_after_s=config.retry_after_s, running=running)
     service_class.add_asgi_middleware(LimitBody, max_body_bytes=config.max_body_bytes)
     service_class.add_asgi_middleware(CheckMultipart)

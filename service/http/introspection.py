@@ -3,7 +3,8 @@ table, the learned kernels as a picture, the channel atlas, and the
 feature-map inspector page (static files under service/http/ui, served at /ui).
 
 A small Starlette app mounted on the service (BentoML APIs are POST-only);
-its handlers reach the running service through bentoml.get_current_service().
+its handlers reach the worker's service through the `Running` handle it is built with
+(service.core.running); before the service has started they answer 503 not_ready.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import anyio
-import bentoml
 import torch
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -22,7 +22,8 @@ from starlette.staticfiles import StaticFiles
 from model.checkpoint import CheckpointError
 from model.visualize import encode_png, kernel_grid
 from service.control.moves import request_move
-from service.core.refusals import Refusal, refusal_for
+from service.core.refusals import Refusal
+from service.core.running import Running
 
 UI_DIR = Path(__file__).parent / "ui"
 
@@ -46,87 +47,103 @@ def admission_state(admission) -> dict:
 async def describe_model(service) -> dict:
     """The served model: preset, classes, preprocessing, training metrics, checkpoint sha256,
     device and precision, the process layout, batching settings, limits and the layer table."""
-    manifest = service.manifest.to_dict()
+    pipeline = service.pipeline
+    version = pipeline.version
+    manifest = version.manifest.to_dict()
     training = dict(manifest.get("training", {}))
     training.pop("history", None)  # long; the report command plots it
     config = service.config
-    served = await service.backend.describe()
+    served = await pipeline.backend.describe()
     return {
-        "tag": service.model_tag,
-        "preset": service.manifest.preset,
-        "classes": service.manifest.class_names,
+        "tag": version.tag,
+        "preset": version.manifest.preset,
+        "classes": version.manifest.class_names,
         "preprocessing": manifest["preprocessing"],
         "model_config": manifest["model_config"],
         "training": training,
-        "weights_sha256": service.manifest.weights_sha256,
+        "weights_sha256": version.manifest.weights_sha256,
         "device": served["device"],
         "dtype": served["dtype"],
         "precision": served["precision"],
         "layout": service.layout.describe(),
         "batching": {"max_batch_size": config.max_batch_size, "max_latency_ms": config.max_latency_ms,
                      "batcher": "bentoml (model service)" if service.layout.split else "in-process",
-                     "admission": admission_state(service.admission)},
+                     "admission": admission_state(pipeline.admission)},
         "limits": {
             "max_images_per_request": config.max_images_per_request,
             "max_body_bytes": config.max_body_bytes,
             "max_image_pixels": config.max_image_pixels,
             "max_feature_map_bytes": config.max_feature_map_bytes,
         },
-        "layers": [row.to_dict() for row in service.layers.values()],
+        "layers": [row.to_dict() for row in version.layers.values()],
         # what every worker serves, from the moves' control directory (service.control.control_dir)
         "workers": [status.to_dict() for status in service.versions.control.statuses()],
     }
 
 
+def _service(request: Request):
+    """The worker's service; 503 not_ready before it has started."""
+    service = request.app.state.running.service
+    if service is None:
+        raise Refusal(503, "not_ready", "the model is still loading")
+    return service
+
+
 async def model_info(request: Request) -> Response:
-    return JSONResponse(await describe_model(bentoml.get_current_service()))
+    try:
+        service = _service(request)
+    except Refusal as refusal:
+        return refusal.response()
+    return JSONResponse(await describe_model(service))
 
 
 async def kernels(request: Request) -> Response:
     """The learned kernels of a conv layer as a PNG grid (?layer=conv1).
     conv1 kernels are shown in colour; deeper layers as their mean over input channels."""
-    service = bentoml.get_current_service()
     layer = request.query_params.get("layer", "conv1")
     try:
-        weight = torch.from_numpy(await service.backend.kernels(layer))
+        weight = torch.from_numpy(await _service(request).pipeline.backend.kernels(layer))
     except Exception as err:
-        return _refused(err, service)
+        return _refused(err, request)
     png = await anyio.to_thread.run_sync(lambda: encode_png(kernel_grid(weight)))
     return Response(png, media_type="image/png", headers={"Cache-Control": "no-cache"})
 
 
 async def atlas(request: Request) -> Response:
     """The channel atlas: ?layer=conv5 (every channel, summarized) or ?layer=conv5&channel=12 (its patches)."""
-    service = bentoml.get_current_service()
     layer = request.query_params.get("layer", "conv1")
     channel = request.query_params.get("channel")
     try:
+        atlas = _service(request).pipeline.version.atlas
         if channel is None:
-            body = service.atlas.summary(layer)
+            body = atlas.summary(layer)
         elif not channel.lstrip("-").isdigit():
             raise Refusal(400, "invalid_channel", f"channel must be an integer, not {channel[:40]!r}")
         else:
-            body = await anyio.to_thread.run_sync(service.atlas.channel, layer, int(channel))
+            body = await anyio.to_thread.run_sync(atlas.channel, layer, int(channel))
     except CheckpointError as err:  # tampered or missing since the service started
         return Refusal(500, "atlas_unreadable", str(err)).response()
     except Exception as err:
-        return _refused(err, service)
+        return _refused(err, request)
     return JSONResponse(body)
 
 
-def _refused(err: Exception, service) -> Response:
-    """A refusal's answer (service.core.refusals, as the POST endpoints give it); anything else is a fault."""
-    refusal = refusal_for(err, service.config.retry_after_s)
-    if refusal is None:
-        raise err
-    return refusal.response()
+def _refused(err: Exception, request: Request) -> Response:
+    """A refusal's answer, as the POST endpoints give it (the pipeline's, uncounted: these are no inference
+    endpoints); anything else is a fault."""
+    if isinstance(err, Refusal) and request.app.state.running.pipeline is None:
+        return err.response()  # not started yet
+    return request.app.state.running.pipeline.refusal_response(None, err)
 
 
 async def move_model(request: Request) -> Response:
     """POST {"tag": "cnn-classifier:<version>"}: move every worker to that version (service.control.moves),
     answering when all serve it, or saying which did not and why (then all are back on the old one).
     409 move_in_progress while another move runs: moves are not queued."""
-    service = bentoml.get_current_service()
+    try:
+        service = _service(request)
+    except Refusal as refusal:
+        return refusal.response()
     try:
         tag = (await request.json())["tag"]
         if not isinstance(tag, str) or not tag:
@@ -136,9 +153,9 @@ async def move_model(request: Request) -> Response:
     expected = service.layout.api_workers + service.layout.model_workers
     try:  # one move at a time across the workers; the version checked (not built) before any moves
         result = await anyio.to_thread.run_sync(
-            lambda: request_move(service.versions.control, tag, lambda: service.backend.current, expected,
+            lambda: request_move(service.versions.control, tag, lambda: service.pipeline.backend.current, expected,
                                  float(service.config.request_timeout_s * 4),
-                                 on_refused=service.metrics.model_swaps.labels("refused").inc))
+                                 on_refused=service.pipeline.metrics.model_swaps.labels("refused").inc))
     except Refusal as refusal:
         return refusal.response()
     if not result.moved:
@@ -150,11 +167,18 @@ async def ui_root(request: Request) -> Response:
     return RedirectResponse("/ui/")
 
 
-introspection_app = Starlette(routes=[
+ROUTES = [
     Route("/model", model_info, methods=["GET"]),
     Route("/kernels", kernels, methods=["GET"]),
     Route("/atlas", atlas, methods=["GET"]),
     Route("/admin/model", move_model, methods=["POST"]),
     Route("/ui", ui_root, methods=["GET"]),
     Mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui"),
-])
+]
+
+
+def introspection_app(running: Running) -> Starlette:
+    """The routes, as an app for BentoML to mount; they reach the worker's service through `running`."""
+    app = Starlette(routes=ROUTES)
+    app.state.running = running
+    return app

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
-from importlib import metadata
 
 from service.core import endpoints
-from service.oip.spec import add_oip
+from service.core.package import package_version
+from service.oip.spec import add_oip, served_model
 
 logger = logging.getLogger(__name__)
 
@@ -230,11 +230,12 @@ def valid_openapi_31(spec: dict) -> dict:
     return spec
 
 
-def amend_docs(send):
+def amend_docs(send, running):
     """The OpenAPI spec, amended: valid OpenAPI 3.1 (valid_openapi_31), a link to /ui
     (BentoML's page at / shows this description), the refusals the inference endpoints
     really return, and the routes BentoML does not know of: the GET endpoints of
-    service.http.introspection and the Open Inference Protocol's (service.oip.spec)."""
+    service.http.introspection and the Open Inference Protocol's (service.oip.spec), named for the
+    model `running` serves (service.core.running)."""
 
     def transform(status, headers, body):
         if status != 200:
@@ -245,7 +246,7 @@ def amend_docs(send):
             return body
         info = spec.setdefault("info", {})
         info["description"] = UI_LINK + info.get("description", "")
-        info["version"] = _version()  # BentoML writes the bento's version, "None" when served from a checkout
+        info["version"] = package_version()  # BentoML writes the bento's version, "None" when served from a checkout
         paths = spec.setdefault("paths", {})
         for endpoint in endpoints.INFERENCE:
             operation = paths.get(endpoint.path, {}).get("post")
@@ -256,15 +257,8 @@ def amend_docs(send):
                     description = f"{description}. Admission charges a request {endpoint.cost}"
                 operation["responses"].setdefault(code, {"description": description, "content": _ERROR_BODY})
         paths.update(INTROSPECTION_PATHS)
-        add_oip(spec)
+        add_oip(spec, served_model(running.pipeline))
         declare_json_bodies(spec, tuple(endpoint.path for endpoint in endpoints.INFERENCE))
         return json.dumps(valid_openapi_31(spec)).encode()
 
     return _rewrite_body(send, transform)
-
-
-def _version() -> str:
-    try:
-        return metadata.version("cnn-serving")
-    except metadata.PackageNotFoundError:  # run from a copy that was never installed
-        return "unknown"

@@ -8,8 +8,8 @@ BentoML's mounts only match the routes their app declares, so it shadows nothing
 rather than FastAPI: the body is JSON followed by binary tensors, read by hand either way,
 and no new dependency.
 
-Each request goes the way the other endpoints' do, through the same pieces of the running
-service (bentoml.get_current_service()): the guards (API key, body limit, shedding with 503 +
+Each request goes the way the other endpoints' do, through the worker's request pipeline
+(service.runtime.pipeline, reached through the `Running` handle the app is built with): the guards (API key, body limit, shedding with 503 +
 Retry-After; service.core.endpoints declares these routes), admission, the decoder (BYTES), the
 backend's batcher (probabilities, embeddings) and activations (feature maps), the metrics
 (endpoint label "v2_infer"), and model/'s typed errors mapped to 4xx once (service.core.refusals).
@@ -27,18 +27,17 @@ parameter: BYTES [N, k] "score:index:label"), `top_k_labels` BYTES, `top_k_score
 
 from __future__ import annotations
 
-from importlib import metadata
-
-import bentoml
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from model.store import DEFAULT_TAG
+from service.core.package import package_version
+from service.core.refusals import Refusal
+from service.core.running import Running
 from service.oip import codec
 from service.oip import infer as oip_infer
-from service.core.refusals import Refusal, refusal_for
 from service.oip.infer import ENDPOINT
 
 EXTENSIONS = ["binary_tensor_data", "classification"]
@@ -54,22 +53,19 @@ def model_identity(version) -> tuple[str, str]:
     return kind, rest
 
 
-def _server_version() -> str:
-    try:
-        return metadata.version("cnn-serving")
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
-def oip_error(refusal: Refusal) -> Response:
-    return refusal.oip_response()
+def _pipeline(request: Request):
+    """The worker's request pipeline; 503 not_ready before the service has started."""
+    pipeline = request.app.state.running.pipeline
+    if pipeline is None:
+        raise Refusal(503, "not_ready", "the model is still loading")
+    return pipeline
 
 
 def _served(request: Request):
-    """The running service and the model version this request uses (pinned: one version from checks to
-    answer), after checking the path's model name and version against it."""
-    service = bentoml.get_current_service()
-    version = service.backend.pin()
+    """The worker's pipeline and the model version this request uses (pinned: one version from checks
+    to answer), after checking the path's model name and version against it."""
+    pipeline = _pipeline(request)
+    version = pipeline.pin()
     name, served_version = model_identity(version)
     asked, asked_version = request.path_params["name"], request.path_params.get("version")
     if asked != name:
@@ -77,27 +73,27 @@ def _served(request: Request):
     if asked_version not in (None, "", served_version):
         raise Refusal(404, "unknown_version", f"model {name!r} serves version {served_version!r}, "
                                               f"not {asked_version!r}")
-    return service, version
+    return pipeline, version
 
 
 async def _answer(request: Request, work) -> Response:
+    """`work()`'s response, or its refusal in the protocol's error body (inference refusals counted)."""
     try:
         return await work()
+    except Refusal as refusal:
+        pipeline = request.app.state.running.pipeline
+        if pipeline is None:
+            return refusal.oip_response()
+        return pipeline.refusal_response(ENDPOINT if request.method == "POST" else None, refusal, oip=True)
     except Exception as err:
-        service = bentoml.get_current_service()
-        refusal = refusal_for(err, service.config.retry_after_s)
-        if refusal is None:
-            raise
-        if request.method == "POST":
-            service.metrics.refusals.labels(ENDPOINT, refusal.reason).inc()
-        return oip_error(refusal)
+        return _pipeline(request).refusal_response(ENDPOINT if request.method == "POST" else None, err, oip=True)
 
 
 # ----- metadata and health ---------------------------------------------------------------------
 
 
 async def server_metadata(request: Request) -> Response:
-    return JSONResponse({"name": "cnn-serving", "version": _server_version(), "extensions": EXTENSIONS})
+    return JSONResponse({"name": "cnn-serving", "version": package_version(), "extensions": EXTENSIONS})
 
 
 async def server_live(request: Request) -> Response:
@@ -105,9 +101,9 @@ async def server_live(request: Request) -> Response:
 
 
 async def server_ready(request: Request) -> Response:
-    service = bentoml.get_current_service()
-    if service is None or not getattr(service, "ready", False):
-        return oip_error(Refusal(503, "not_ready", "the model is still loading"))
+    service = request.app.state.running.service
+    if service is None or not service.ready:
+        return Refusal(503, "not_ready", "the model is still loading").oip_response()
     return JSONResponse({"ready": True})
 
 
@@ -159,24 +155,25 @@ def describe(version) -> dict:
 
 async def infer(request: Request) -> Response:
     async def work():
-        service, version = _served(request)
+        pipeline, version = _served(request)
         parsed = codec.parse_request(await request.body(), request.headers.get("inference-header-content-length"))
         size = version.manifest.preprocessing.input_size
-        tensor, count = oip_infer.images_input(parsed, service, size)
-        plan = oip_infer.Plan(parsed, version, service.config.max_feature_map_bytes, count)
+        tensor, count = oip_infer.images_input(parsed, pipeline.config.max_images_per_request, size)
+        plan = oip_infer.Plan(parsed, version, pipeline.config.max_feature_map_bytes, count)
         encoded = 0 if tensor.name == "pixels" else sum(len(item) for item in tensor.bytes_elements())
-        async with service._admitted(oip_infer.ENDPOINT, count * plan.forward_passes, encoded,
+        async with pipeline.admitted(ENDPOINT, count * plan.forward_passes, encoded,
                                      share=count if plan.predicts else 0):
             if tensor.name == "pixels":
                 pixels = tensor.uint8()  # as the client cropped them: no decoding, no resizing
             else:
-                with service.backend.batcher.expecting(count if plan.predicts else 0):
-                    pixels = await service._decode(ENDPOINT, tensor.bytes_elements())
-            predicted = await service.backend.predict(pixels) if plan.predicts else None
-            maps = await oip_infer.feature_maps(service, pixels, plan) if plan.layers else {}
-        service.metrics.images.labels(ENDPOINT).inc(count)
+                with pipeline.expecting(count if plan.predicts else 0):
+                    pixels = await pipeline.decode(ENDPOINT, tensor.bytes_elements())
+            predicted = await pipeline.backend.predict(pixels) if plan.predicts else None
+            maps = await oip_infer.feature_maps(pipeline, pixels, plan) if plan.layers else {}
         if predicted is not None:
-            oip_infer.observe_predictions(service, predicted)
+            pipeline.observe_predictions(ENDPOINT, predicted)
+        else:
+            pipeline.metrics.images.labels(ENDPOINT).inc(count)
         answered_by = predicted.version if predicted is not None else version
         name, served_version = model_identity(answered_by)
         header = {"model_name": name, "model_version": served_version}
@@ -193,14 +190,14 @@ async def infer(request: Request) -> Response:
 
 
 async def no_route(request: Request) -> Response:
-    return oip_error(Refusal(404, "no_route", f"no route {request.method} {request.url.path}; the protocol's: "
+    return (Refusal(404, "no_route", f"no route {request.method} {request.url.path}; the protocol's: "
                                               "GET /v2, /v2/health/{live,ready}, /v2/models/<name>[/versions/<v>]"
-                                              "[/ready], POST /v2/models/<name>[/versions/<v>]/infer"))
+                                              "[/ready], POST /v2/models/<name>[/versions/<v>]/infer").oip_response())
 
 
 _MODEL = "/v2/models/{name}"
 _VERSION = "/v2/models/{name}/versions/{version}"
-oip_app = Starlette(routes=[
+ROUTES = [
     Route("/v2", server_metadata, methods=["GET"]),
     Route("/v2/health/live", server_live, methods=["GET"]),
     Route("/v2/health/ready", server_ready, methods=["GET"]),
@@ -208,4 +205,12 @@ oip_app = Starlette(routes=[
     *(Route(f"{base}/ready", model_ready, methods=["GET"]) for base in (_MODEL, _VERSION)),
     *(Route(f"{base}/infer", infer, methods=["POST"]) for base in (_MODEL, _VERSION)),
     Route("/v2/{rest:path}", no_route, methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]),
-])
+]
+
+
+def oip_app(running: Running) -> Starlette:
+    """The protocol's routes, as an app for BentoML to mount; they reach the worker's pipeline through
+    `running` (service.core.running)."""
+    app = Starlette(routes=ROUTES)
+    app.state.running = running
+    return app

@@ -9,8 +9,9 @@ import time
 import numpy as np
 
 from model.network import STAGES
-from service.oip import codec
 from service.core.refusals import Refusal
+from service.oip import codec
+from service.runtime.pipeline import Pipeline
 
 ENDPOINT = "v2_infer"  # the endpoint label of the metrics
 PREDICTED = ("probabilities", "top_k_labels", "top_k_scores", "top_k_indices", "embedding")
@@ -100,7 +101,8 @@ class Plan:
         return int(self.predicts) + int(bool(self.layers))
 
 
-def images_input(request: codec.InferRequest, service, size: int) -> tuple[codec.InputTensor, int]:
+def images_input(request: codec.InferRequest, limit: int, size: int) -> tuple[codec.InputTensor, int]:
+    """The request's one input tensor and its image count (at most `limit`), checked."""
     if len(request.inputs) != 1:
         raise Refusal(400, "one_input", f"send exactly one input, `images` (BYTES) or `pixels` (UINT8); got "
                                         f"{[t.name for t in request.inputs]}")
@@ -120,23 +122,22 @@ def images_input(request: codec.InferRequest, service, size: int) -> tuple[codec
     count = tensor.shape[0]
     if count == 0:
         raise Refusal(400, "no_image", "the input holds no image (N = 0)")
-    limit = service.config.max_images_per_request
     if count > limit:
         raise Refusal(413, "too_many_images", f"{count} images in one request; the limit is {limit}")
     return tensor, count
 
 
-async def feature_maps(service, pixels: np.ndarray, plan: Plan) -> dict[str, np.ndarray]:
+async def feature_maps(pipeline, pixels: np.ndarray, plan: Plan) -> dict[str, np.ndarray]:
     """Each layer's maps for the batch, [N, C, H, W] (or [N, D]), the asked channels only."""
     names = list(plan.layers)
     found: dict[str, list[np.ndarray]] = {name: [] for name in names}
     start = time.perf_counter()
     for image in pixels:
-        activations, _ = await service.backend.activations(np.ascontiguousarray(image), names, plan.stage)
+        activations, _ = await pipeline.backend.activations(np.ascontiguousarray(image), names, plan.stage)
         for name in names:
             channels = plan.layers[name]
             found[name].append(activations[name] if channels is None else activations[name][channels])
-    service.metrics.forward_seconds.labels(ENDPOINT, service.metrics.device).observe(time.perf_counter() - start)
+    pipeline.metrics.forward_seconds.labels(ENDPOINT, pipeline.metrics.device).observe(time.perf_counter() - start)
     return {name: np.stack(values) for name, values in found.items()}
 
 
@@ -153,8 +154,7 @@ def output(out: codec.RequestedOutput, binary: bool, extra: dict, predicted, map
             values = values / np.maximum(np.linalg.norm(values, axis=1, keepdims=True), 1e-12)
         return codec.OutputTensor(out.name, "FP32", values, list(values.shape), binary)
     k = min(extra.get("k") or extra.get("classification") or 1, probabilities.shape[1])
-    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
-    scores = np.take_along_axis(probabilities, order, axis=1)
+    order, scores = Pipeline.ranked(probabilities, k)
     if out.name == "probabilities":
         if "classification" not in extra:
             return codec.OutputTensor(out.name, "FP32", probabilities, list(probabilities.shape), binary)
@@ -167,13 +167,3 @@ def output(out: codec.RequestedOutput, binary: bool, extra: dict, predicted, map
     if out.name == "top_k_scores":
         return codec.OutputTensor(out.name, "FP32", scores, [count, k], binary)
     return codec.OutputTensor(out.name, "INT64", order, [count, k], binary)
-
-
-def observe_predictions(service, predicted) -> None:
-    """The drift signals /classify feeds (top-1 class and its probability), once per image."""
-    names = predicted.version.manifest.class_names
-    probabilities = predicted.probabilities
-    top = probabilities.argmax(axis=1)
-    for index, score in zip(top.tolist(), probabilities[np.arange(len(top)), top].tolist()):
-        service.metrics.predictions.labels(names[index]).inc()
-        service.metrics.confidence.observe(score)

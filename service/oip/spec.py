@@ -265,23 +265,20 @@ def oip_paths(name: str, version: str | None = None) -> dict:
     })
 
 
-def served_model() -> tuple[str, str | None]:
-    """(name, version) of the model this worker serves; before it is loaded, the store's name alone."""
-    import bentoml
-    from bentoml.exceptions import BentoMLException
-
+def served_model(pipeline) -> tuple[str, str | None]:
+    """(name, version) of the model `pipeline` serves; before the service has started (None), the store's
+    name alone."""
     from model.store import DEFAULT_TAG
     from service.oip.app import model_identity
 
-    try:
-        return model_identity(bentoml.get_current_service().backend.current)
-    except (BentoMLException, AttributeError):  # no service, or no model yet: the routes all the same
+    if pipeline is None:
         return DEFAULT_TAG.split(":")[0], None
+    return model_identity(pipeline.backend.current)
 
 
-def add_oip(spec: dict) -> None:
-    """The protocol's paths, schemas and tag, into `spec`."""
-    spec.setdefault("paths", {}).update(oip_paths(*served_model()))
+def add_oip(spec: dict, model: tuple[str, str | None]) -> None:
+    """The protocol's paths (for `model`: its name and version), schemas and tag, into `spec`."""
+    spec.setdefault("paths", {}).update(oip_paths(*model))
     # a copy: the spec is rewritten in place afterwards (valid_openapi_31)
     spec.setdefault("components", {}).setdefault("schemas", {}).update(copy.deepcopy(SCHEMAS))
     tags = spec.setdefault("tags", [])

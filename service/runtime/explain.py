@@ -15,12 +15,12 @@ from model.attribution import AttributionRequest
 from service.core.schemas import ExplainResponse, GradCamResponse
 
 
-async def gradcam(service, image: np.ndarray, request: AttributionRequest) -> GradCamResponse:
+async def gradcam(pipeline, image: np.ndarray, request: AttributionRequest) -> GradCamResponse:
     """/gradcam: /explain's Grad-CAM (same request, same backend call), in the response /gradcam
     has always had: the map at the layer's resolution, and the heat map as a PNG.
-    `service`: the running service (its backend, layer table, classes, tag, input size)."""
-    found = await service.backend.explain(image, request)
-    class_names, input_size = found.version.manifest.class_names, service.input_size
+    `pipeline`: the worker's (service.runtime.pipeline: its backend and input size)."""
+    found = await pipeline.backend.explain(image, request)
+    class_names, input_size = found.version.manifest.class_names, pipeline.input_size
     heatmap = torch.from_numpy(found.input_map)  # the layer map upsampled to the input, in [0, 1]
     png = await anyio.to_thread.run_sync(lambda: encode_png(heatmap_rgba(heatmap)))
     row = found.version.layers[request.layer]
@@ -31,10 +31,10 @@ async def gradcam(service, image: np.ndarray, request: AttributionRequest) -> Gr
     )
 
 
-async def explain(service, image: np.ndarray, request: AttributionRequest) -> ExplainResponse:
+async def explain(pipeline, image: np.ndarray, request: AttributionRequest) -> ExplainResponse:
     """/explain for one decoded image, `request` resolved."""
-    found = await service.backend.explain(image, request)
-    class_names, input_size = found.version.manifest.class_names, service.input_size
+    found = await pipeline.backend.explain(image, request)
+    class_names, input_size = found.version.manifest.class_names, pipeline.input_size
     attribution = torch.from_numpy(found.input_map)
     evidence = attribution.clamp(min=0)
     heat = evidence / evidence.max().clamp(min=1e-12)

@@ -36,23 +36,23 @@ class FeatureMapsRequest:
         return dataclasses.replace(self, layers=names)
 
 
-async def feature_maps(service, image: np.ndarray, request: FeatureMapsRequest) -> tuple[list[LayerFeatureMaps], int,
-                                                                                       Any]:
+async def feature_maps(pipeline, image: np.ndarray, request: FeatureMapsRequest) -> tuple[list[LayerFeatureMaps], int,
+                                                                                        Any]:
     """The layer bodies of a /feature_maps answer for one decoded image (`request` resolved), their
-    payload bytes, and the model version that computed them. `service`: the running service (its
-    backend, layer table and limits)."""
+    payload bytes, and the model version that computed them (its layer table describes them).
+    `pipeline`: the worker's (service.runtime.pipeline: its backend and limits)."""
     names, fmt = request.layers, request.format
-    found, version = await service.backend.activations(image, names, request.stage)
+    found, version = await pipeline.backend.activations(image, names, request.stage)
     activations = {name: torch.from_numpy(found[name]) for name in names}
-    chosen = {n: choose_channels(service.layers[n], activations[n], request) for n in names}
+    chosen = {n: choose_channels(version.layers[n], activations[n], request) for n in names}
     size = estimated_bytes(activations, chosen, fmt)
-    max_bytes = service.config.max_feature_map_bytes
+    max_bytes = pipeline.config.max_feature_map_bytes
     if size > max_bytes:
         raise Refusal(422, "response_too_large",
                       f"about {size:,} bytes of {fmt}; the cap is {max_bytes:,}: "
                       "ask for fewer layers, `channels` or `top_channels`")
     bodies = await anyio.to_thread.run_sync(
-        lambda: [layer_payload(service.layers[n], activations[n], chosen[n], fmt) for n in names]
+        lambda: [layer_payload(version.layers[n], activations[n], chosen[n], fmt) for n in names]
     )
     return bodies, sum(len(b.png or "") + len(b.array.data if b.array else "") for b in bodies), version
 
