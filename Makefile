@@ -52,8 +52,9 @@ test-precisions: $(INSTALLED) system-deps
 	for precision in fp32 bf16; do PRECISION=$$precision $(PY) -m pytest tests/test_service.py \
 	  tests/test_explain.py tests/test_clients.py tests/test_layout.py || exit 1; done
 
+# tests/unit: no server, no training run (well under a minute on 2 cores); the rest of tests/ starts real processes.
 test-fast: $(INSTALLED)
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest tests/unit
 
 # The server and load tests beside one CPU hog per core, a memory-heavy and a compute-bound kind in turn
 # (loadtests/hogs.py): tests of behaviour must pass on a busy machine.

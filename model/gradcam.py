@@ -13,7 +13,7 @@ raise the class score, where they fire. The map has the layer's resolution
 and is upsampled to the input for display.
 
 Computed by Captum's LayerGradCam (model.attribution), which agrees with the
-hand-written version this project used before to 1e-6 (tests/test_gradcam.py).
+hand-written version this project used before to 1e-6 (tests/unit/test_gradcam.py).
 """
 
 from __future__ import annotations

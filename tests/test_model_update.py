@@ -29,6 +29,7 @@ from testkit.images import shape_png
 from testkit.models import untrained_checkpoint
 from testkit.docs import code_block
 from testkit.server import ROOT, start_server
+from testkit.wait import wait_until
 
 ADMIN_KEY = "change-me"  # the README's
 NAME = "cnn-update-test"  # a model name of its own: the other tests serve cnn-classifier:latest
@@ -221,6 +222,12 @@ class Load:
                 self.answers.append((endpoint, response.status_code, response.json().get("model")))
                 n += 1
 
+    def wait_for(self, count: int, what: str, tag: str | None = None) -> None:
+        """Until `count` more answers (by `tag`, if given) have come in from now on."""
+        start = len(self.answers)
+        wait_until(lambda: sum(1 for a in self.answers[start:] if a[1] == 200 and tag in (None, a[2])) >= count,
+                   120, what)
+
     def __enter__(self):
         for thread in self._threads:
             thread.start()
@@ -253,15 +260,15 @@ def test_moves_in_the_split_layout_under_load_fail_no_request(versions, cli_env,
     try:
         _wait_for_workers(server.url, 3)
         with Load(server.url) as load:
-            time.sleep(1)
+            load.wait_for(8, "load on v1")
             moved = _move(server.url, versions["v2"])
             assert moved.status_code == 200, moved.text
             assert moved.json()["moved"] and {w["tag"] for w in moved.json()["workers"]} == {versions["v2"]}
-            time.sleep(1)
+            load.wait_for(8, "load on v2", versions["v2"])
             tampered = _move(server.url, versions["v3"])
-            time.sleep(1)
+            load.wait_for(8, "load after the tampered version's refusal", versions["v2"])
             back = _move(server.url, versions["v1"])
-            time.sleep(1)
+            load.wait_for(8, "load back on v1", versions["v1"])
         assert tampered.status_code == 422 and tampered.json()["error"] == "checkpoint_invalid", tampered.text
         assert back.status_code == 200, back.text
         assert _served_tags(server.url) == {versions["v1"]}

@@ -6,7 +6,6 @@ import base64
 import io
 import json
 import subprocess
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -333,9 +332,14 @@ def test_client_connections_spread_evenly_over_the_api_workers(server):
         assert response.status == 200
         return response.getheader("connection")
 
+    from service.control.control_dir import ControlDir
     from service.http.connection_board import ConnectionBoard
+    from testkit.wait import wait_until
 
-    time.sleep(ConnectionBoard.WINDOW_S + 0.5)  # the earlier tests' connections are no longer counted as active
+    # the earlier tests' connections no longer counted as active (they expire after WINDOW_S)
+    board = ConnectionBoard(ControlDir(ControlDir.for_server(server.process.pid)).path / "connections",
+                            len(workers), slot=0)
+    wait_until(lambda: board.active() == 0, 60, "earlier connections expired from the board")
     clients = 4 * len(workers)
     sockets = [socket.create_connection((address.hostname, address.port), timeout=30) for _ in range(clients)]
     try:

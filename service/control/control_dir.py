@@ -57,7 +57,12 @@ class ControlDir:
         for stale in root.glob(f"{cls.PREFIX}*"):
             if stale.name.removeprefix(cls.PREFIX).isdigit() and not _alive(int(stale.name.removeprefix(cls.PREFIX))):
                 shutil.rmtree(stale, ignore_errors=True)
-        return cls(root / f"{cls.PREFIX}{os.getppid()}")
+        return cls(cls.for_server(os.getppid()))
+
+    @classmethod
+    def for_server(cls, server_pid: int) -> Path:
+        """Where the control directory of the `bentoml serve` process `server_pid` is."""
+        return Path(tempfile.gettempdir()) / f"{cls.PREFIX}{server_pid}"
 
     def order(self) -> dict | None:
         try:

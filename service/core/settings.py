@@ -31,72 +31,88 @@ Layout (LAYOUT):
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.store import DEFAULT_TAG
 
 
-def _int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    return int(value) if value not in (None, "") else default
+class ServiceConfig(BaseSettings):
+    """Every setting of the service, each read once from its environment variable (the field's name in
+    capitals: MAX_BATCH_SIZE), with its default and its meaning. A value that does not parse stops
+    start-up with the variable's name (`from_env`). docs/serving.md's table lists them (a test checks)."""
 
+    model_config = SettingsConfigDict(frozen=True, extra="ignore", env_ignore_empty=True, case_sensitive=False)
 
-def _precision() -> str:
-    """PRECISION, or the deprecated AUTOCAST (bf16 -> auto, fp16 -> fp16, off -> fp32) when only it is set."""
-    from model.precision import AUTOCAST_TO_PRECISION
+    model_tag: str = Field(DEFAULT_TAG, description="model to serve from the BentoML model store")
+    checkpoint_dir: str | None = Field(None, description="a checkpoint directory to serve instead of the store")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    precision: str = Field("auto", description=(
+        "auto: bf16 where the hardware computes it natively and the checkpoint's recorded agreement with fp32 "
+        "allows it, else fp32 (model.precision); or fp32 | bf16 | fp16"))
+    autocast: str | None = Field(None, exclude=True, description=(
+        "deprecated, the old GPU-only setting: read only where PRECISION is unset (bf16 -> auto, off -> fp32)"))
+    layout: str = Field("auto", description="auto | single | split (module docstring)")
+    api_workers: int = Field(0, description=(
+        "0: single -> one per core (up to MAX_CPU_WORKERS); split -> one per core but the model's"))
+    model_workers: int = Field(0, description="split: 0 -> one per GPU (1 on a CPU)")
+    gpu_decode: str = Field("auto", description="auto: JPEGs decode on the GPU where this process has CUDA; on | off")
+    null_model: bool = Field(False, description="benchmark only: a model that costs nothing, to measure the frontend")
+    max_batch_size: int = Field(32, ge=1, description="the largest batch of images one forward pass runs")
+    max_latency_ms: int = Field(1000, ge=1, description="the latency budget a request is admitted and batched to")
+    # Measured at 4x overload (alexnet, 300 ms budget): 0.6 refuses in 28 ms (p95) but admits too little to
+    # fill batches (11 ok req/s); 0.85 admits 31 req/s but refusals wait 111 ms behind the decoding it
+    # admitted; 0.7: 22 req/s, refusals 36 ms, accepted p99 330-371 ms.
+    admission_target: float = Field(0.7, gt=0, description=(
+        "admission control aims admitted work at this fraction of MAX_LATENCY_MS; the rest is headroom for "
+        "decoding, HTTP and a busy machine's variance"))
+    admission_wait_ms: int = Field(150, ge=0, description=(
+        "how long a request that does not fit waits at the door for room before its 503: clients that retry at "
+        "once then cost one refusal per wait, not thousands a second. Unset: 15% of MAX_LATENCY_MS, so a "
+        "request admitted at the end of its wait is still answered within wait + ADMISSION_TARGET = 85% of "
+        "the budget"))
+    admission_batches: float = Field(0.0, ge=0, description=(
+        "the batches' lane: images in flight through the batcher per worker, in full batches; 0: chosen by "
+        "where the model runs (`batches_in_flight`)"))
+    max_images_per_request: int = Field(64, ge=1, description="images in one request")
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1, description="request body limit (413 above)")
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1, description="one encoded image's limit (413 above)")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb guard, read from the header")
+    max_feature_map_bytes: int = Field(8 * 1024 * 1024, ge=1, description="cap on one /feature_maps response")
+    forward_threads: int = Field(1, ge=1, description="batches in flight at once per model worker")
+    torch_threads: int = Field(0, ge=0, description="intra-op threads per forward; 0 = every core")
+    max_concurrency: int = Field(256, ge=1, description="requests in flight per API worker before BentoML's 503")
+    spread_connections: bool = Field(True, description=(
+        "close connections of a worker that serves more than its share of them, so that they spread over the "
+        "API workers (service.http.guards.SpreadConnections)"))
+    request_timeout_s: int = Field(30, ge=1, description="BentoML's per-request timeout")
+    retry_after_s: int = Field(1, ge=0, description="the Retry-After of every 503")
+    api_key: str | None = Field(None, repr=False, description="when set, every non-open path needs it as a Bearer token")
+    admin_key: str | None = Field(None, repr=False, description="POST /admin/model (model updates); off when unset")
 
-    if os.environ.get("PRECISION"):
-        return os.environ["PRECISION"]
-    legacy = os.environ.get("AUTOCAST")
-    return AUTOCAST_TO_PRECISION.get(legacy.lower(), legacy) if legacy else "auto"
+    @model_validator(mode="before")
+    @classmethod
+    def _derived_defaults(cls, data: Any) -> Any:
+        """ADMISSION_WAIT_MS follows MAX_LATENCY_MS where unset; the deprecated AUTOCAST stands in for an
+        unset PRECISION; LAYOUT and GPU_DECODE in any case."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if data.get("admission_wait_ms") in (None, ""):
+            budget = int(data.get("max_latency_ms") or cls.model_fields["max_latency_ms"].default)
+            data["admission_wait_ms"] = budget * 15 // 100
+        if not data.get("precision") and data.get("autocast"):
+            from model.precision import AUTOCAST_TO_PRECISION
 
-
-@dataclass(frozen=True)
-class ServiceConfig:
-    model_tag: str = DEFAULT_TAG
-    checkpoint_dir: str | None = None  # a checkpoint directory instead of the model store
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    # auto: bf16 where the hardware computes it natively and the checkpoint's recorded
-    # agreement with fp32 allows it, else fp32 (model.precision); or fp32 | bf16 | fp16.
-    precision: str = "auto"
-    layout: str = "auto"  # auto | single | split (module docstring)
-    api_workers: int = 0  # 0: single -> one per core (up to MAX_CPU_WORKERS); split -> one per core but the model's
-    model_workers: int = 0  # split: 0 -> one per GPU (1 on a CPU)
-    gpu_decode: str = "auto"  # auto: JPEGs decode on the GPU where this process has CUDA; on | off
-    null_model: bool = False  # benchmark only: a "model" that costs nothing, to measure the frontend
-    max_batch_size: int = 32
-    max_latency_ms: int = 1000
-    # Admission control aims admitted work at this fraction of max_latency_ms;
-    # the rest is headroom for decoding, HTTP and a busy machine's variance.
-    # Measured at 4x overload (alexnet, 300 ms budget): 0.6 refuses in 28 ms
-    # (p95) but admits too little to fill batches (11 ok req/s); 0.85 admits 31
-    # req/s but refusals wait 111 ms behind the decoding it admitted; 0.7: 22
-    # req/s, refusals 36 ms, accepted p99 330-371 ms.
-    admission_target: float = 0.7
-    # A request that does not fit waits this long at the door for room before it is refused
-    # (service.runtime.admission): clients that retry at once then cost one refusal per wait, not thousands
-    # a second. Default (from_env): 15% of MAX_LATENCY_MS, so a request admitted at the end of its
-    # wait is still answered within wait + ADMISSION_TARGET = 85% of the budget.
-    admission_wait_ms: int = 150
-    # The batches' lane (service.runtime.admission): images in flight through the batcher, per worker, in full
-    # batches (MAX_BATCH_SIZE each); more only wait, decoded, at a cost. 0: chosen by where the model
-    # runs (`batches_in_flight`).
-    admission_batches: float = 0.0
-    max_images_per_request: int = 64
-    max_body_bytes: int = 32 * 1024 * 1024
-    max_image_bytes: int = 20 * 1024 * 1024
-    max_image_pixels: int = 40_000_000
-    max_feature_map_bytes: int = 8 * 1024 * 1024  # cap on one /feature_maps response
-    forward_threads: int = 1  # batches in flight at once per model worker
-    torch_threads: int = 0  # intra-op threads per forward; 0 = every core
-    max_concurrency: int = 256  # requests in flight per API worker before BentoML answers 503
-    # Close connections of a worker that serves more than its share of them, so that they spread over
-    # the API workers (service.http.guards.SpreadConnections).
-    spread_connections: bool = True
-    request_timeout_s: int = 30
-    retry_after_s: int = 1
-    api_key: str | None = field(default=None, repr=False)
-    admin_key: str | None = field(default=None, repr=False)  # POST /admin/model (model updates); off when unset
+            legacy = str(data["autocast"])
+            data["precision"] = AUTOCAST_TO_PRECISION.get(legacy.lower(), legacy)
+        for name in ("layout", "gpu_decode"):
+            if isinstance(data.get(name), str):
+                data[name] = data[name].lower()
+        return data
 
     def batches_in_flight(self, model_on_gpu: bool) -> float:
         """ADMISSION_BATCHES, or: on a GPU, two full batches (one in the model, one decoding and gathering
@@ -111,35 +127,19 @@ class ServiceConfig:
 
     @classmethod
     def from_env(cls) -> ServiceConfig:
-        return cls(
-            model_tag=os.environ.get("MODEL_TAG") or DEFAULT_TAG,
-            checkpoint_dir=os.environ.get("CHECKPOINT_DIR") or None,
-            device=os.environ.get("DEVICE", "auto"),
-            precision=_precision(),
-            layout=(os.environ.get("LAYOUT") or "auto").lower(),
-            api_workers=_int("API_WORKERS", cls.api_workers),
-            model_workers=_int("MODEL_WORKERS", cls.model_workers),
-            gpu_decode=(os.environ.get("GPU_DECODE") or "auto").lower(),
-            null_model=os.environ.get("NULL_MODEL", "") not in ("", "0"),
-            max_batch_size=_int("MAX_BATCH_SIZE", cls.max_batch_size),
-            max_latency_ms=_int("MAX_LATENCY_MS", cls.max_latency_ms),
-            admission_target=float(os.environ.get("ADMISSION_TARGET") or cls.admission_target),
-            admission_wait_ms=_int("ADMISSION_WAIT_MS", _int("MAX_LATENCY_MS", cls.max_latency_ms) * 15 // 100),
-            admission_batches=float(os.environ.get("ADMISSION_BATCHES") or cls.admission_batches),
-            max_images_per_request=_int("MAX_IMAGES_PER_REQUEST", cls.max_images_per_request),
-            max_body_bytes=_int("MAX_BODY_BYTES", cls.max_body_bytes),
-            max_image_bytes=_int("MAX_IMAGE_BYTES", cls.max_image_bytes),
-            max_image_pixels=_int("MAX_IMAGE_PIXELS", cls.max_image_pixels),
-            max_feature_map_bytes=_int("MAX_FEATURE_MAP_BYTES", cls.max_feature_map_bytes),
-            max_concurrency=_int("MAX_CONCURRENCY", cls.max_concurrency),
-            spread_connections=os.environ.get("SPREAD_CONNECTIONS", "1") not in ("", "0"),
-            forward_threads=_int("FORWARD_THREADS", cls.forward_threads),
-            torch_threads=_int("TORCH_THREADS", cls.torch_threads),
-            request_timeout_s=_int("REQUEST_TIMEOUT_S", cls.request_timeout_s),
-            retry_after_s=_int("RETRY_AFTER_S", cls.retry_after_s),
-            api_key=os.environ.get("API_KEY") or None,
-            admin_key=os.environ.get("ADMIN_KEY") or None,
-        )
+        """The settings of this process's environment; a value that does not parse stops start-up with
+        the variable named."""
+        try:
+            return cls()
+        except ValidationError as err:
+            problems = "; ".join(f"{'_'.join(map(str, e['loc'])).upper()}={e.get('input')!r}: {e['msg']}"
+                                 for e in err.errors())
+            raise SystemExit(f"cannot serve: bad setting(s): {problems}") from None
+
+    @classmethod
+    def variables(cls) -> dict[str, Any]:
+        """Each environment variable the service reads, with its default."""
+        return {name.upper(): field.default for name, field in cls.model_fields.items()}
 
 
 MAX_CPU_WORKERS = 4  # the single layout's default cap: every worker holds a copy of the model

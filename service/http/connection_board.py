@@ -60,12 +60,16 @@ class ConnectionBoard:
 
     def over_share(self) -> bool:
         """This worker serves more active connections than its share of all the workers' together."""
+        return len(self._seen) > math.ceil(self.active() / self.workers)
+
+    def active(self) -> int:
+        """The active connections of every worker together (a slot not written within WINDOW_S: none)."""
         now, total = self._clock(), 0
         for index in range(self.workers):
             count, written = _SLOT.unpack_from(self._map, index * _SLOT.size)
             if now - written <= self.WINDOW_S:
                 total += count
-        return len(self._seen) > math.ceil(total / self.workers)
+        return total
 
     def _publish(self, now: float) -> None:
         _SLOT.pack_into(self._map, self.slot * _SLOT.size, len(self._seen), now)
