@@ -22,7 +22,7 @@ class Endpoint:
     method: str = "POST"
     open: bool = False  # served without the API key
     # Refused (503 + Retry-After) before its body is read while the model is full: endpoints that
-    # run the model. Admission then charges each request its cost (service.service._admitted).
+    # run the model. Admission then charges each request its cost (service.runtime.pipeline.Pipeline.admitted).
     sheddable: bool = False
     cost: str = ""  # what admission charges one request, in single-image forward passes (for the spec)
     # The lane of the model it runs in, whose bound admission also holds it to (service.runtime.admission):
