@@ -36,7 +36,7 @@ from service.http.guards import add_guards
 from service.http.introspection import introspection_app
 from service.oip.app import oip_app
 from service.runtime import feature_maps as maps
-from service.runtime.backend import load_or_exit, locate_model
+from service.runtime.model_version import load_or_exit, locate_model
 from service.runtime.explain import explain as explain_image
 from service.runtime.explain import gradcam as gradcam_image
 from service.runtime.pipeline import build_pipeline

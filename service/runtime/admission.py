@@ -67,6 +67,8 @@ import contextvars
 import time
 from dataclasses import dataclass
 
+from service.runtime.body_rate import BodyRate
+
 
 @dataclass
 class Ticket:
@@ -267,12 +269,12 @@ class Admission:
 
     def door_rates(self) -> dict[str, float]:
         """What the door has learned to charge per MB of body, per endpoint."""
-        return _per_mb(self._units_per_body)
+        return self._units_per_body.per_mb()
 
     def door_shares(self) -> dict[str, float]:
         """What the door has learned to expect of a lane per MB of body (a batched request's images), per
         endpoint."""
-        return _per_mb(self._shares_per_body)
+        return self._shares_per_body.per_mb()
 
     # ----- judging the cap --------------------------------------------------------------------------
 
@@ -330,38 +332,6 @@ class Admission:
         self.inflight = max(0.0, self.inflight - units)
         if lane in self.in_lane:
             self.in_lane[lane] = max(0.0, self.in_lane[lane] - share)
-
-
-class BodyRate:
-    """What a request to an endpoint takes (units, or its share of a lane) per byte of its body: the
-    ratio of sums over the last few parsed requests, Σ taken / Σ bytes, so that each request counts by
-    its size. (The average of each request's own ratio followed the smallest bodies: three 31-byte
-    junk bodies of one image each made the door expect 147 images in the next 11.6 KB body, the
-    batches' lane took one request at a time, and a burst of 24 single-image requests waited out its
-    line: 503s in CI's `make test`.)"""
-    DECAY = 0.8  # per request: the sums remember about the last five
-
-    def __init__(self) -> None:
-        self._sums: dict[str, tuple[float, float]] = {}  # endpoint -> (Σ taken, Σ bytes), decayed
-
-    def learn(self, label: str, taken: float, body_bytes: int) -> None:
-        taken_sum, bytes_sum = self._sums.get(label, (0.0, 0.0))
-        self._sums[label] = (self.DECAY * taken_sum + taken, self.DECAY * bytes_sum + body_bytes)
-
-    def estimate(self, label: str, body_bytes: int | None) -> float:
-        """What a body of `body_bytes` takes; 1 (one image, one pass) where nothing is learned yet."""
-        if label not in self._sums or not body_bytes:
-            return 1.0
-        taken, body = self._sums[label]
-        return max(1.0, taken / max(body, 1.0) * body_bytes)
-
-    def per_byte(self) -> dict[str, float]:
-        """Per endpoint: what a byte of body takes."""
-        return {label: taken / max(body, 1.0) for label, (taken, body) in self._sums.items()}
-
-
-def _per_mb(rate: BodyRate) -> dict[str, float]:
-    return {label: round(per_byte * 1_000_000, 2) for label, per_byte in rate.per_byte().items()}
 
 
 def _quantile(values: list[float], q: float) -> float:

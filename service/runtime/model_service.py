@@ -24,8 +24,9 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from model.attribution import AttributionRequest
-from service.runtime.backend import (
-    ModelVersion, build_predictor, describe_predictor, load_or_exit, load_version, locate_model, version_key,
+from service.runtime.backend import describe_predictor
+from service.runtime.model_version import (
+    ModelVersion, build_predictor, load_or_exit, load_version, locate_model, version_key,
 )
 from service.core.settings import CONFIG, Layout
 from service.core.metrics import ServiceMetrics

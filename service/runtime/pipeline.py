@@ -32,10 +32,8 @@ from service.core.metrics import ServiceMetrics
 from service.core.refusals import Refusal, refusal_for
 from service.core.settings import Layout, ServiceConfig
 from service.runtime.admission import TICKET, Admission
-from service.runtime.backend import (
-    ATTRIBUTIONS_AT_ONCE, LocalBackend, ModelVersion, Predictions, RemoteBackend, build_predictor, load_or_exit,
-    load_version,
-)
+from service.runtime.backend import ATTRIBUTIONS_AT_ONCE, LocalBackend, Predictions, RemoteBackend
+from service.runtime.model_version import ModelVersion, build_predictor, load_or_exit, load_version
 from service.runtime.decoding import Decoder, decode_seconds_per_byte
 
 
