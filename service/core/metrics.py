@@ -22,6 +22,14 @@ class ServiceMetrics:
         import prometheus_client as prom  # imported late on purpose (see module docstring)
 
         self.device = device
+        self._work_metrics(prom)
+        self._model_metrics(prom)
+        self._capacity_metrics(prom)
+        for endpoint in INFERENCE:
+            self.images.labels(endpoint.label)  # series exist at 0 from the start: "no traffic" is visible
+
+    def _work_metrics(self, prom) -> None:
+        """What the requests asked of the model: batches, forward passes, decoding, images, answers."""
         self.batch_size = prom.Histogram(
             "cnn_batch_size", "Images per model forward pass (adaptive batching across requests).",
             ["device"], buckets=BATCH_BUCKETS,
@@ -46,6 +54,9 @@ class ServiceMetrics:
         )
         self.refusals = prom.Counter("cnn_refusals_total", "Requests refused, by endpoint and reason.",
                                      ["endpoint", "reason"])
+
+    def _model_metrics(self, prom) -> None:
+        """The model a worker serves, its moves, and its model worker's faults."""
         self.model_info = prom.Gauge(
             "cnn_model_info", "The loaded model (value is always 1).",
             ["tag", "preset", "sha256", "device", "dtype"], multiprocess_mode="livemax",
@@ -69,6 +80,9 @@ class ServiceMetrics:
             "Calls to the split layout's model service whose worker died under them, by outcome: answered "
             "by its replacement within the latency budget, or refused (503 model_unavailable).",
             ["outcome"])
+
+    def _capacity_metrics(self, prom) -> None:
+        """How full a worker is (admission), and the GPU's memory."""
         # Per worker process; a pod's figure is the sum (images) or the largest (load) over its workers.
         self.inflight_images = prom.Gauge("cnn_inflight_images",
                                           "Work admitted and not yet answered, in single-image forward passes "
@@ -87,8 +101,6 @@ class ServiceMetrics:
         self.gpu_total = prom.Gauge("cnn_gpu_memory_total_bytes", "GPU memory on the device (0 on a CPU).",
                                     multiprocess_mode="livemax")
 
-        for endpoint in INFERENCE:
-            self.images.labels(endpoint.label)  # series exist at 0 from the start: "no traffic" is visible
 
     def announce_model(self, tag: str, predictor, device_type: str) -> None:
         """cnn_model_info for the version this worker serves (API worker or model worker): 1 for it, 0 for
