@@ -132,9 +132,10 @@ class Pipeline:
 
     def observe_predictions(self, endpoint: str, predicted: Predictions) -> None:
         """The images answered, and the drift signals (top-1 class and its probability) once per image."""
-        order, scores = self.ranked(predicted.probabilities, 1)
-        names = predicted.version.manifest.class_names
-        self.metrics.observe_predictions(endpoint, [names[i] for i in order[:, 0].tolist()], scores[:, 0].tolist())
+        probabilities, names = predicted.probabilities, predicted.version.manifest.class_names
+        top = probabilities.argmax(axis=1)  # the first of equals, as `ranked` orders them
+        self.metrics.observe_predictions(endpoint, [names[i] for i in top.tolist()],
+                                         probabilities[np.arange(len(top)), top].tolist())
 
     def observe_batch(self, images: int, forward_seconds: float) -> None:
         self.admission.observe_forward(images, forward_seconds)
