@@ -147,14 +147,20 @@ def test_sigkill_worker_under_load_recovers(own_server):
                for _, s in outcomes), {s for _, s in outcomes}
 
 
-def test_killed_model_worker_fails_no_request(own_server):
+@pytest.mark.parametrize("budget_ms", [1000, 30000])
+def test_killed_model_worker_fails_no_request(own_server, tmp_path, budget_ms):
     """The split layout's model worker SIGKILLed under load (8 clients of /classify): every request in
     flight or sent meanwhile is answered 200 (its batch run again on the worker BentoML starts in the
     killed one's place, within the latency budget) or 503 + Retry-After with the refusal body, never
-    anything else; each refusal and retry is counted with its own reason."""
+    anything else; each refusal and retry is counted with its own reason. With a budget longer than the
+    replacement takes to start (30 s), every request is answered by it. AlexNet in fp32 (random
+    weights): a model slow enough that a batch is in flight whenever the kill lands (with the tiny
+    test model, a kill between two quick batches cut no call and tested nothing)."""
     from testkit.metrics import metric_samples, metric_sum
+    from testkit.models import untrained_checkpoint
 
-    server = own_server(LAYOUT="split", API_WORKERS="2")
+    server = own_server(LAYOUT="split", API_WORKERS="2", PRECISION="fp32", MAX_LATENCY_MS=str(budget_ms),
+                        CHECKPOINT_DIR=str(untrained_checkpoint("alexnet", tmp_path / "alexnet")))
     files = [("images", ("x.png", shape_png(1), "image/png"))]
     outcomes: list[tuple[float, int, str, str | None]] = []  # (time, status, error reason, Retry-After)
     stop = threading.Event()
@@ -197,6 +203,9 @@ def test_killed_model_worker_fails_no_request(own_server):
     retried = metric_sum(samples, "cnn_model_worker_retries_total")
     assert retried >= 1, "no call was in flight when the worker died: the kill tested nothing"
     assert metric_sum(samples, "cnn_model_worker_retries_total", outcome="refused") <= unavailable
+    if budget_ms == 30000:  # time enough for the replacement: the cut calls ran again on it
+        assert statuses == {(200, "")}
+        assert metric_sum(samples, "cnn_model_worker_retries_total", outcome="answered") >= 1
 
 
 def _kind(pid: int) -> str:

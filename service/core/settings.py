@@ -90,7 +90,8 @@ class ServiceConfig(BaseSettings):
         "API workers (service.http.guards.SpreadConnections)"))
     request_timeout_s: int = Field(30, ge=1, description="BentoML's per-request timeout")
     retry_after_s: int = Field(1, ge=0, description="the Retry-After of every 503")
-    api_key: str | None = Field(None, repr=False, description="when set, every non-open path needs it as a Bearer token")
+    api_key: str | None = Field(None, repr=False,
+                                description="when set, every path but the open ones needs it as a Bearer token")
     admin_key: str | None = Field(None, repr=False, description="POST /admin/model (model updates); off when unset")
 
     @model_validator(mode="before")
@@ -102,8 +103,12 @@ class ServiceConfig(BaseSettings):
             return data
         data = dict(data)
         if data.get("admission_wait_ms") in (None, ""):
-            budget = int(data.get("max_latency_ms") or cls.model_fields["max_latency_ms"].default)
-            data["admission_wait_ms"] = budget * 15 // 100
+            try:
+                budget = int(data.get("max_latency_ms") or cls.model_fields["max_latency_ms"].default)
+            except (TypeError, ValueError):
+                budget = None  # MAX_LATENCY_MS's own check names it
+            if budget is not None:
+                data["admission_wait_ms"] = budget * 15 // 100
         if not data.get("precision") and data.get("autocast"):
             from model.precision import AUTOCAST_TO_PRECISION
 

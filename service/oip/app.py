@@ -9,10 +9,11 @@ rather than FastAPI: the body is JSON followed by binary tensors, read by hand e
 and no new dependency.
 
 Each request goes the way the other endpoints' do, through the worker's request pipeline
-(service.runtime.pipeline, reached through the `Running` handle the app is built with): the guards (API key, body limit, shedding with 503 +
-Retry-After; service.core.endpoints declares these routes), admission, the decoder (BYTES), the
-backend's batcher (probabilities, embeddings) and activations (feature maps), the metrics
-(endpoint label "v2_infer"), and model/'s typed errors mapped to 4xx once (service.core.refusals).
+(service.runtime.pipeline, reached through the `Running` handle the app is built with): the
+guards (API key, body limit, shedding with 503 + Retry-After; service.core.endpoints declares
+these routes), admission, the decoder (BYTES), the backend's batcher (probabilities, embeddings)
+and activations (feature maps), the metrics (endpoint label "v2_infer"), and refusals -- model/'s
+typed errors included -- answered once (Pipeline.refusal_response).
 Errors are the protocol's {"error": "<reason>: <detail>"}. The routes and the model's metadata
 are here; what an inference request asks and how its outputs are built, in service.oip.infer;
 the wire format, in service.oip.codec.

@@ -103,7 +103,8 @@ class Pipeline:
         return self.backend.batcher.expecting(images)
 
     async def decode(self, endpoint: str, payloads: list[bytes]) -> np.ndarray:
-        return await self.decoder.decode(payloads, self.metrics.preprocess_seconds.labels(endpoint, self.metrics.device))
+        timer = self.metrics.preprocess_seconds.labels(endpoint, self.metrics.device)
+        return await self.decoder.decode(payloads, timer)
 
     async def predict(self, endpoint: str, payloads: list[bytes]) -> Predictions:
         """Encoded images admitted, decoded and batched: probabilities and embeddings, and their version."""

@@ -60,6 +60,11 @@ def test_a_bad_value_stops_start_up_naming_the_variable(monkeypatch):
     monkeypatch.setenv("MAX_BATCH_SIZE", "lots")
     with pytest.raises(SystemExit, match=r"MAX_BATCH_SIZE='lots'"):
         ServiceConfig.from_env()
+    monkeypatch.setenv("MAX_BATCH_SIZE", "8")
+    monkeypatch.setenv("MAX_LATENCY_MS", "soon")  # what other settings derive from: named all the same
+    with pytest.raises(SystemExit, match=r"MAX_LATENCY_MS='soon'"):
+        ServiceConfig.from_env()
+    monkeypatch.delenv("MAX_LATENCY_MS")
     monkeypatch.setenv("MAX_BATCH_SIZE", "0")
     with pytest.raises(SystemExit, match=r"MAX_BATCH_SIZE='0': Input should be greater than or equal to 1"):
         ServiceConfig.from_env()
