@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from service.core.refusals import Refusal
+
 
 class Running:
     def __init__(self) -> None:
@@ -22,3 +24,12 @@ class Running:
     def pipeline(self) -> Any:
         """The service's request pipeline (service.runtime.pipeline), or None before it has started."""
         return getattr(self.service, "pipeline", None)
+
+    def refusal_response(self, endpoint: str | None, err: Exception, oip: bool = False):
+        """The pipeline's answer to `err` (Pipeline.refusal_response: counted when `endpoint` is given); before
+        the service has started, a refusal as it is (uncounted), anything else raised again."""
+        if self.pipeline is not None:
+            return self.pipeline.refusal_response(endpoint, err, oip)
+        if isinstance(err, Refusal):
+            return err.oip_response() if oip else err.response()
+        raise err

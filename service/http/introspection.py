@@ -131,9 +131,7 @@ async def atlas(request: Request) -> Response:
 def _refused(err: Exception, request: Request) -> Response:
     """A refusal's answer, as the POST endpoints give it (the pipeline's, uncounted: these are no inference
     endpoints); anything else is a fault."""
-    if isinstance(err, Refusal) and request.app.state.running.pipeline is None:
-        return err.response()  # not started yet
-    return request.app.state.running.pipeline.refusal_response(None, err)
+    return request.app.state.running.refusal_response(None, err)
 
 
 async def move_model(request: Request) -> Response:

@@ -81,13 +81,9 @@ async def _answer(request: Request, work) -> Response:
     """`work()`'s response, or its refusal in the protocol's error body (inference refusals counted)."""
     try:
         return await work()
-    except Refusal as refusal:
-        pipeline = request.app.state.running.pipeline
-        if pipeline is None:
-            return refusal.oip_response()
-        return pipeline.refusal_response(ENDPOINT if request.method == "POST" else None, refusal, oip=True)
     except Exception as err:
-        return _pipeline(request).refusal_response(ENDPOINT if request.method == "POST" else None, err, oip=True)
+        endpoint = ENDPOINT if request.method == "POST" else None
+        return request.app.state.running.refusal_response(endpoint, err, oip=True)
 
 
 # ----- metadata and health ---------------------------------------------------------------------
