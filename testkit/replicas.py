@@ -15,6 +15,7 @@ import contextlib
 import itertools
 import signal
 import subprocess
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -153,7 +154,8 @@ class Fleet:
         tree = [supervisor, *supervisor.children(recursive=True)]
         # The case that costs: requests certainly in flight on it (the load's are, now and then).
         with ThreadPoolExecutor(SLOW_UPLOADS) as pool:
-            uploads = [pool.submit(slow_upload, self.balancer.url, slot) for _ in range(SLOW_UPLOADS)]
+            killed = threading.Event()  # the uploads' last pieces wait for the kill: in flight for certain
+            uploads = [pool.submit(slow_upload, self.balancer.url, slot, 5.0, killed) for _ in range(SLOW_UPLOADS)]
             self.balancer.wait_busy(slot, SLOW_UPLOADS, timeout=10)
             time.sleep(0.3)
             killed_at = time.time()
@@ -161,6 +163,7 @@ class Fleet:
                 with contextlib.suppress(psutil.NoSuchProcess):
                     process.send_signal(signal.SIGKILL)
             dead_at = wait_gone(tree)
+            killed.set()
             result = KillResult(slot, killed_at, dead_at, 0)
             result.uploads = [upload.result() for upload in uploads]
         server.process.wait()
@@ -228,17 +231,20 @@ class Fleet:
 SLOW_UPLOADS = 2  # requests pinned to the replica that is killed
 
 
-def slow_upload(url: str, slot: str, seconds: float = 5.0) -> str:
+def slow_upload(url: str, slot: str, seconds: float = 5.0, finish: threading.Event | None = None) -> str:
     """POST /classify through the balancer to the replica in `slot` (haproxy's use-server on
-    X-Replica), its body arriving over `seconds` -- a slow client's upload, certainly in flight on
-    that replica meanwhile. Its outcome: the status code, or the error's name."""
+    X-Replica), its body arriving over `seconds` -- a slow client's upload, in flight on that replica
+    meanwhile. With `finish`, the last piece waits for it to be set (at most a minute): in flight for
+    certain until then, however slow the machine. Its outcome: the status code, or the error's name."""
     image = shapes(1)[0]
     body, content_type = encode_multipart_formdata([("images", (image.name, image.data, image.content_type))])
     pieces = 20
+    step = -(-len(body) // pieces)
 
     def trickle():
-        step = -(-len(body) // pieces)
         for start in range(0, len(body), step):
+            if finish is not None and start + step >= len(body):
+                finish.wait(60)
             yield body[start:start + step]
             time.sleep(seconds / pieces)
 
