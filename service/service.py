@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Awaitable, Callable
 
 import bentoml
 import numpy as np
@@ -29,12 +29,13 @@ from service.core.inputs import collect_payloads
 from service.core.running import Running
 from service.core.schemas import (
     ClassifyResponse, EmbedResponse, ExplainMethod, ExplainResponse, FeatureFormat, FeatureMapsResponse,
-    GradCamResponse, ImagePrediction, LabelScore, Stage,
+    GradCamResponse, Stage,
 )
 from service.core.settings import CONFIG, Layout
 from service.http.guards import add_guards
 from service.http.introspection import introspection_app
 from service.oip.app import oip_app
+from service.runtime import answers
 from service.runtime import feature_maps as maps
 from service.runtime.model_version import load_or_exit, locate_model
 from service.runtime.explain import explain as explain_image
@@ -101,7 +102,8 @@ class CNNService:
         field `images` (repeat it for several), or as JSON
         `{"images_base64": ["<base64>", ...], "top_k": 5}`. Requests from many
         clients are batched together on the server."""
-        return await self._guarded("classify", self._classify(images, images_base64, top_k))
+        return await self._guarded("classify", lambda: answers.classify(self.pipeline, self._many(images, images_base64),
+                                                                        top_k))
 
     @bentoml.api(route="/embed")
     async def embed(
@@ -112,7 +114,8 @@ class CNNService:
     ) -> EmbedResponse:
         """The penultimate-layer (fc7) vector of each image, L2-normalized by
         default: compare images by cosine similarity. Same inputs as /classify."""
-        return await self._guarded("embed", self._embed(images, images_base64, normalize))
+        return await self._guarded("embed", lambda: answers.embed(self.pipeline, self._many(images, images_base64),
+                                                                  normalize))
 
     @bentoml.api(route="/feature_maps")
     async def feature_maps(
@@ -133,21 +136,9 @@ class CNNService:
         little-endian, C order) or `stats` (mean, max, fraction of zeros per
         channel). Responses are capped at MAX_FEATURE_MAP_BYTES (8 MiB by
         default): ask for fewer layers or channels beyond that."""
-        pipeline = self.pipeline
-
-        async def run() -> FeatureMapsResponse:
-            request = maps.FeatureMapsRequest(layers, channels, top_channels, stage, format)
-            request = request.resolved(pipeline.version.network)
-
-            async def work(pixels: np.ndarray) -> FeatureMapsResponse:
-                bodies, size, version = await maps.feature_maps(pipeline, pixels, request)
-                pipeline.metrics.feature_map_bytes.labels(format).inc(size)
-                return FeatureMapsResponse(model=version.tag, stage=stage, format=format,
-                                           input_size=pipeline.input_size, layers=bodies)
-
-            return await pipeline.on_one_image("feature_maps", _one_payload(image, image_base64), work)
-
-        return await self._guarded("feature_maps", run())
+        request = maps.FeatureMapsRequest(layers, channels, top_channels, stage, format)
+        return await self._guarded("feature_maps",
+                                   lambda: answers.feature_maps(self.pipeline, _one_payload(image, image_base64), request))
 
     @bentoml.api(route="/gradcam")
     async def gradcam(
@@ -162,7 +153,8 @@ class CNNService:
         weighted by how much each raises the class score. `class_index`
         (default: the top-1 class) picks the class to explain."""
         request = AttributionRequest("gradcam", class_index, layer)
-        return await self._guarded("gradcam", self._attribution("gradcam", image, image_base64, request, gradcam_image))
+        return await self._guarded("gradcam", lambda: self._attribution("gradcam", image, image_base64, request,
+                                                                        gradcam_image))
 
     @bentoml.api(route="/explain")
     async def explain(
@@ -182,15 +174,17 @@ class CNNService:
         64 positions) or `integrated_gradients` (`steps` points from a gray image). For the top
         class, or `class_index`. Returns the map at the input's size (float16) and a PNG overlay."""
         request = AttributionRequest(method, class_index, layer, window, stride, steps)
-        return await self._guarded("explain", self._attribution("explain", image, image_base64, request, explain_image))
+        return await self._guarded("explain", lambda: self._attribution("explain", image, image_base64, request,
+                                                                        explain_image))
 
     # ----- implementation ---------------------------------------------------
 
-    async def _guarded(self, endpoint: str, work):
-        """Run an endpoint's work on the version it pins; refusals become their answers (the pipeline's)."""
-        self.pipeline.pin()  # this request's version, from its checks to its answer
+    async def _guarded(self, endpoint: str, answer: Callable[[], Awaitable]):
+        """`answer()` on the version it pins, from its checks to its answer; refusals (the inputs'
+        too: hence a callable) become their answers (the pipeline's)."""
+        self.pipeline.pin()
         try:
-            return await work
+            return await answer()
         except Exception as err:
             return self.pipeline.refusal_response(endpoint, err)
 
@@ -206,29 +200,9 @@ class CNNService:
         return await pipeline.on_one_image(endpoint, _one_payload(image, image_base64), work,
                                            cost=request.cost(pipeline.input_size), kind=f"explain:{request.method}")
 
-    async def _classify(self, images, images_base64, top_k: int) -> ClassifyResponse:
-        """The answer of the version that ran the batch: its probabilities, its class names, its tag."""
-        payloads = collect_payloads(images, images_base64, True, self.config.max_images_per_request)
-        predicted = await self.pipeline.predict("classify", payloads)
-        order, scores = self.pipeline.ranked(predicted.probabilities, min(top_k, predicted.probabilities.shape[1]))
-        names = predicted.version.manifest.class_names
-        predictions = [
-            ImagePrediction(top_k=[LabelScore(label=names[i], index=i, probability=p)
-                                   for i, p in zip(row.tolist(), values.tolist())])
-            for row, values in zip(order, scores)
-        ]
-        self.pipeline.observe_predictions("classify", predicted)
-        return ClassifyResponse(model=predicted.version.tag, predictions=predictions)
-
-    async def _embed(self, images, images_base64, normalize: bool) -> EmbedResponse:
-        payloads = collect_payloads(images, images_base64, True, self.config.max_images_per_request)
-        predicted = await self.pipeline.predict("embed", payloads)
-        embeddings = predicted.embeddings
-        if normalize:
-            embeddings = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
-        self.pipeline.metrics.images.labels("embed").inc(len(embeddings))
-        return EmbedResponse(model=predicted.version.tag, layer=predicted.version.network.embedding_layer,
-                             dim=embeddings.shape[1], normalized=normalize, embeddings=embeddings.tolist())
+    def _many(self, images, images_base64) -> list[bytes]:
+        """The images of /classify and /embed: files or base64, at most MAX_IMAGES_PER_REQUEST."""
+        return collect_payloads(images, images_base64, True, self.config.max_images_per_request)
 
 
 def _one_payload(image, image_base64) -> bytes:

@@ -30,7 +30,7 @@ from model.inference import Predictor
 from service.control.control_dir import ControlDir
 from service.core.refusals import Refusal
 from service.core.settings import ServiceConfig
-from service.runtime.batching import Batcher
+from service.runtime.batching import BatchPolicy, Batcher
 from service.runtime.model_version import ModelVersion, version_key
 
 # Attributions (/explain, /gradcam) computed at once on this machine, beside the batcher's forwards: each
@@ -122,8 +122,8 @@ class LocalBackend(_Versions):
         self.current = version
         self._observe = observe_batch
         self._observe_work = observe_work or (lambda kind, passes, seconds: None)
-        self.batcher = Batcher(self._forward, self._split, config.max_batch_size, config.max_latency_ms / 1000,
-                               parallel=config.forward_threads, observe=self._observed)
+        policy = BatchPolicy(config.max_batch_size, config.max_latency_ms / 1000, parallel=config.forward_threads)
+        self.batcher = Batcher(self._forward, self._split, policy, observe=self._observed)
         # Attributions: ATTRIBUTIONS_AT_ONCE, not in the batches' lane (batches behind them waited seconds).
         self._attributions = anyio.CapacityLimiter(ATTRIBUTIONS_AT_ONCE)  # this worker's
         self._control = control  # where the machine's workers take turns (None: this worker alone)
@@ -195,8 +195,8 @@ class RemoteBackend(_Versions):
         self._observe_retry = observe_retry  # (outcome: "answered" | "refused") of a call whose worker died
         self._budget_s = config.max_latency_ms / 1000
         self._retry_after_s = config.retry_after_s
-        self.batcher = Batcher(lambda batch: self._call("predict", batch), self._split, config.max_batch_size,
-                               config.max_latency_ms / 1000, parallel=self.PARALLEL_BATCHES, observe=self._observed)
+        policy = BatchPolicy(config.max_batch_size, config.max_latency_ms / 1000, parallel=self.PARALLEL_BATCHES)
+        self.batcher = Batcher(lambda batch: self._call("predict", batch), self._split, policy, observe=self._observed)
 
     # A call whose model worker died under it: the connection reset, closed or refused. (BentoML's client
     # of a `bentoml.depends` service is aiohttp's; BentoML starts another worker in the dead one's place.)

@@ -77,26 +77,33 @@ class _WindowMax:
         return self._samples[0][1] if self._samples else 0
 
 
+@dataclass(frozen=True)
+class BatchPolicy:
+    """How the batcher forms batches: at most `max_batch_size` images each; a job older than
+    `max_latency_s` is answered with a timeout instead of computed; `parallel` batches are in flight
+    at a time (1 for a model in this process: one forward owns every core); `gather_s`: the longest a
+    batch waits for more images (None: as long as a forward pass of the target has been taking)."""
+    max_batch_size: int
+    max_latency_s: float
+    parallel: int = 1
+    gather_s: float | None = None
+
+
 class Batcher:
     """`await submit(images)` -> whatever `await forward(batch)` gives for those rows.
 
     `forward(batch)` takes a uint8 (N, S, S, 3) array and returns an object
-    `split(result, start, stop)` can slice per job; `parallel` batches are in
-    flight at a time (1 for a model in this process: one forward owns every
-    core). `observe(images, result)` hears about every batch (metrics, admission).
-    `gather_s`: the longest a batch waits for more images (None: as long as a
-    forward pass of the target has been taking)."""
+    `split(result, start, stop)` can slice per job; `policy` says how batches
+    form (BatchPolicy). `observe(images, result)` hears about every batch
+    (metrics, admission)."""
 
     PEAK_WINDOW_S = 1.0  # how far back "as many as were present at once" looks
 
-    def __init__(self, forward: Callable, split: Callable, max_batch_size: int, max_latency_s: float,
-                 parallel: int = 1, observe: Callable | None = None, gather_s: float | None = None):
+    def __init__(self, forward: Callable, split: Callable, policy: BatchPolicy, observe: Callable | None = None):
         self.forward, self.split = forward, split
-        self.max_batch_size = max_batch_size
-        self.max_latency_s = max_latency_s
-        self.parallel = parallel
+        self.policy = policy
+        self.max_batch_size, self.max_latency_s = policy.max_batch_size, policy.max_latency_s
         self.observe = observe or (lambda images, result: None)
-        self.gather_s = gather_s
         self.coming = 0  # images admitted and on their way (decoding), not yet submitted
         self.forward_s_per_image = 0.0  # the batches' wall time per image, smoothed: how long to wait for more
         self._queue: collections.deque[_Job] = collections.deque()
@@ -124,7 +131,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         if not self._workers:  # started in the serving event loop, on first use
             self._wake = asyncio.Event()
-            self._workers = [loop.create_task(self._run()) for _ in range(self.parallel)]
+            self._workers = [loop.create_task(self._run()) for _ in range(self.policy.parallel)]
         job = _Job(images, loop.create_future())
         self._queue.append(job)
         self._queued_images += len(images)
@@ -155,7 +162,7 @@ class Batcher:
                 return
             now = time.perf_counter()
             if deadline is None:
-                limit = self.gather_s if self.gather_s is not None else self.forward_s_per_image * target
+                limit = self.policy.gather_s if self.policy.gather_s is not None else self.forward_s_per_image * target
                 deadline = now + min(limit, self.max_latency_s / 4)
             if now >= deadline:
                 return

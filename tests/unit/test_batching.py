@@ -7,7 +7,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from service.runtime.batching import Batcher
+from service.runtime.batching import BatchPolicy, Batcher
 from service.core.refusals import Refusal
 
 
@@ -38,7 +38,7 @@ def split(result: np.ndarray, start: int, stop: int) -> list[int]:
 def test_a_lone_request_runs_at_once_and_gets_its_rows():
     async def main():
         model = SlowModel()
-        batcher = Batcher(model.forward, split, max_batch_size=8, max_latency_s=5)
+        batcher = Batcher(model.forward, split, BatchPolicy(max_batch_size=8, max_latency_s=5))
         assert await batcher.submit(images(2, 3)) == [30, 30]
         assert model.batches == [[3, 3]]
 
@@ -48,7 +48,7 @@ def test_a_lone_request_runs_at_once_and_gets_its_rows():
 def test_requests_that_arrive_during_a_forward_share_the_next_one():
     async def main():
         model = SlowModel()
-        batcher = Batcher(model.forward, split, max_batch_size=8, max_latency_s=5)
+        batcher = Batcher(model.forward, split, BatchPolicy(max_batch_size=8, max_latency_s=5))
         first = asyncio.ensure_future(batcher.submit(images(1, 1)))
         await asyncio.sleep(0.01)  # the first forward is running now
         waiting = [asyncio.ensure_future(batcher.submit(images(1, v))) for v in (2, 3, 4)]
@@ -62,7 +62,7 @@ def test_requests_that_arrive_during_a_forward_share_the_next_one():
 def test_batches_respect_the_size_limit_and_never_split_a_request():
     async def main():
         model = SlowModel()
-        batcher = Batcher(model.forward, split, max_batch_size=4, max_latency_s=5)
+        batcher = Batcher(model.forward, split, BatchPolicy(max_batch_size=4, max_latency_s=5))
         first = asyncio.ensure_future(batcher.submit(images(1, 1)))
         await asyncio.sleep(0.01)
         rest = [asyncio.ensure_future(batcher.submit(images(n, v))) for n, v in ((3, 2), (2, 3), (5, 4))]
@@ -75,7 +75,7 @@ def test_batches_respect_the_size_limit_and_never_split_a_request():
 def test_a_request_that_waited_past_the_budget_is_refused_not_run_late():
     async def main():
         model = SlowModel(seconds=0.3)
-        batcher = Batcher(model.forward, split, max_batch_size=8, max_latency_s=0.1)
+        batcher = Batcher(model.forward, split, BatchPolicy(max_batch_size=8, max_latency_s=0.1))
         first = asyncio.ensure_future(batcher.submit(images(1, 1)))
         await asyncio.sleep(0.01)
         late = asyncio.ensure_future(batcher.submit(images(1, 2)))
@@ -91,7 +91,7 @@ def test_a_request_that_waited_past_the_budget_is_refused_not_run_late():
 def test_a_failed_forward_fails_its_own_requests_and_the_batcher_goes_on():
     async def main():
         model = SlowModel(fail_on=9)
-        batcher = Batcher(model.forward, split, max_batch_size=8, max_latency_s=5)
+        batcher = Batcher(model.forward, split, BatchPolicy(max_batch_size=8, max_latency_s=5))
         with pytest.raises(RuntimeError, match="boom"):
             await batcher.submit(images(1, 9))
         assert await batcher.submit(images(1, 5)) == [50]
@@ -102,7 +102,7 @@ def test_a_failed_forward_fails_its_own_requests_and_the_batcher_goes_on():
 def test_a_cancelled_request_is_left_out_of_its_batch():
     async def main():
         model = SlowModel()
-        batcher = Batcher(model.forward, split, max_batch_size=8, max_latency_s=5)
+        batcher = Batcher(model.forward, split, BatchPolicy(max_batch_size=8, max_latency_s=5))
         first = asyncio.ensure_future(batcher.submit(images(1, 1)))
         await asyncio.sleep(0.01)
         gone = asyncio.ensure_future(batcher.submit(images(1, 2)))
@@ -123,7 +123,7 @@ HANG_GUARD_S = 20  # far above any wait these tests expect: only a batcher that 
 def test_a_batch_waits_for_images_announced_as_on_their_way():
     async def main():
         model = SlowModel(seconds=0.01)
-        batcher = Batcher(model.forward, split, max_batch_size=8, max_latency_s=60, gather_s=30)
+        batcher = Batcher(model.forward, split, BatchPolicy(max_batch_size=8, max_latency_s=60, gather_s=30))
 
         async def request(value: int, decode_s: float):
             with batcher.expecting(1):  # admitted, decoding
@@ -140,7 +140,7 @@ def test_a_batch_waits_for_images_announced_as_on_their_way():
 def test_a_lone_request_never_waits_even_with_a_long_gather_limit():
     async def main():
         model = SlowModel(seconds=0.01)
-        batcher = Batcher(model.forward, split, max_batch_size=8, max_latency_s=60, gather_s=3600)
+        batcher = Batcher(model.forward, split, BatchPolicy(max_batch_size=8, max_latency_s=60, gather_s=3600))
         for value in (1, 2, 3):  # one client, one request at a time
             assert await asyncio.wait_for(batcher.submit(images(1, value)), HANG_GUARD_S) == [value * 10]
         assert model.batches == [[1], [2], [3]]
@@ -151,7 +151,7 @@ def test_a_lone_request_never_waits_even_with_a_long_gather_limit():
 def test_an_announcement_withdrawn_without_a_submit_ends_the_wait():
     async def main():
         model = SlowModel(seconds=0.01)
-        batcher = Batcher(model.forward, split, max_batch_size=8, max_latency_s=60, gather_s=3600)
+        batcher = Batcher(model.forward, split, BatchPolicy(max_batch_size=8, max_latency_s=60, gather_s=3600))
 
         async def refused_while_decoding():
             with pytest.raises(ValueError):
@@ -173,7 +173,7 @@ def test_clients_whose_answers_just_went_out_are_waited_for():
     them comes back the batcher waits for the rest instead of running it alone."""
     async def main():
         model = SlowModel(seconds=0.01)
-        batcher = Batcher(model.forward, split, max_batch_size=8, max_latency_s=60, gather_s=30)
+        batcher = Batcher(model.forward, split, BatchPolicy(max_batch_size=8, max_latency_s=60, gather_s=30))
 
         async def client(value: int):
             first = await batcher.submit(images(1, value))
@@ -189,7 +189,7 @@ def test_clients_whose_answers_just_went_out_are_waited_for():
 def test_a_batch_waits_no_longer_than_the_gather_limit():
     async def main():
         model = SlowModel(seconds=0.01)
-        batcher = Batcher(model.forward, split, max_batch_size=8, max_latency_s=60, gather_s=0.05)
+        batcher = Batcher(model.forward, split, BatchPolicy(max_batch_size=8, max_latency_s=60, gather_s=0.05))
         with batcher.expecting(5):  # announced, never submitted within the limit
             assert await asyncio.wait_for(batcher.submit(images(1, 4)), HANG_GUARD_S) == [40]
         assert model.batches == [[4]]
