@@ -10,7 +10,7 @@ HOST ?= 127.0.0.1
 PORT ?= 3000
 MODEL_OUT ?= runs/default
 
-.PHONY: install default-model serve test test-precisions test-fast test-busy fuzz system-deps loadtest loadtest-overload loadtest-goodput loadtest-update bench replicas oip-clients bench-oip bench-peers gpu-check clean
+.PHONY: install default-model serve serve-imagenet test test-precisions test-fast test-busy fuzz system-deps loadtest loadtest-overload loadtest-goodput loadtest-update bench replicas oip-clients bench-oip bench-peers gpu-check clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON_BIN) -m venv $(VENV)
@@ -42,6 +42,14 @@ default-model: $(INSTALLED)
 
 serve: default-model
 	$(VENV)/bin/bentoml serve . --host $(HOST) --port $(PORT)
+
+# torchvision's ImageNet AlexNet (downloaded once into torchvision's cache; offline, it says where to put
+# the file): converted, registered as alexnet-imagenet, served. ATLAS=DIR: a channel atlas from your photos.
+serve-imagenet: $(INSTALLED)
+	@$(PY) -c "from model.store import has_model; raise SystemExit(0 if has_model('alexnet-imagenet:latest') else 1)" \
+	  && echo "model store has alexnet-imagenet:latest" \
+	  || $(PY) -m training imagenet $(if $(ATLAS),--atlas $(ATLAS))
+	MODEL_TAG=alexnet-imagenet:latest $(VENV)/bin/bentoml serve . --host $(HOST) --port $(PORT)
 
 test: $(INSTALLED) system-deps
 	$(PY) -m pytest

@@ -48,19 +48,23 @@ def model_from_torchvision_state(torchvision_state: dict[str, torch.Tensor]) -> 
     return model.eval()
 
 
+def write_checkpoint(torchvision_state: dict[str, torch.Tensor], out_dir: str | Path, source: str,
+                     metrics: dict | None = None) -> Manifest:
+    """A torchvision AlexNet state dict as our checkpoint, with the 1000 ImageNet class names;
+    `metrics`: its accuracy where known (the model card shows it)."""
+    if not isinstance(torchvision_state, dict):
+        raise ValueError(f"{source}: expected a state dict, found {type(torchvision_state).__name__}")
+    model = model_from_torchvision_state(torchvision_state)
+    preset = get_preset("torchvision")
+    training = {"dataset": "imagenet-1k", "source": source}
+    if metrics:
+        training["metrics"] = metrics
+    return save_checkpoint(out_dir, model, imagenet_class_names(), preset.preprocessing, preset="torchvision",
+                           training=training)
+
+
 def import_torchvision_weights(pth_path: str | Path, out_dir: str | Path) -> Manifest:
     """Convert a torchvision AlexNet `.pth` (e.g. alexnet-owt-7be5be79.pth) to a checkpoint."""
     # weights_only=True: the file may come from anywhere; never run its pickled code.
     state = torch.load(pth_path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict):
-        raise ValueError(f"{pth_path}: expected a state dict, found {type(state).__name__}")
-    model = model_from_torchvision_state(state)
-    preset = get_preset("torchvision")
-    return save_checkpoint(
-        out_dir,
-        model,
-        imagenet_class_names(),
-        preset.preprocessing,
-        preset="torchvision",
-        training={"dataset": "imagenet-1k", "source": f"torchvision weights {Path(pth_path).name}"},
-    )
+    return write_checkpoint(state, out_dir, source=f"torchvision weights {Path(pth_path).name}")

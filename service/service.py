@@ -98,7 +98,9 @@ class CNNService:
         images_base64: list[str] | None = None,
         top_k: Annotated[int, Field(ge=1, le=1000)] = 5,
     ) -> ClassifyResponse:
-        """Top-k classes for each image. Send images as multipart files in the
+        """Top-k classes for each image, among the served model's classes (GET /model's `card`
+        says what it knows: the default model knows 12 synthetic shapes, not photos; an unsure answer
+        is marked `low_confidence`). Send images as multipart files in the
         field `images` (repeat it for several), or as JSON
         `{"images_base64": ["<base64>", ...], "top_k": 5}`. Requests from many
         clients are batched together on the server."""

@@ -433,3 +433,15 @@ def test_missing_model_stops_startup(cli_env, tmp_path):
     result = serve_until_exit({**cli_env, "BENTOML_HOME": str(tmp_path / "empty_store")})
     assert result.returncode != 0
     assert "not in the BentoML model store" in result.stdout + result.stderr
+
+
+def test_an_unsure_answer_is_marked_low_confidence_and_the_field_is_documented(server):
+    """`low_confidence`: the top probability under LOW_CONFIDENCE_BELOW (0.5), in the answer and the spec."""
+    schemas = httpx.get(f"{server.url}/docs.json", timeout=30).json()["components"]["schemas"]
+    (field,) = [s["properties"]["low_confidence"] for s in schemas.values()
+                if "low_confidence" in s.get("properties", {})]
+    assert field["type"] == "boolean" and "LOW_CONFIDENCE_BELOW" in field["description"]
+    files = [("images", (f"{i}.png", shape_png(i), "image/png")) for i in range(12)]
+    files.append(("images", ("flat.png", encode(Image.fromarray(np.full((64, 64, 3), 128, np.uint8))), "image/png")))
+    predictions = httpx.post(f"{server.url}/classify", files=files, timeout=60).json()["predictions"]
+    assert [p["low_confidence"] for p in predictions] == [p["top_k"][0]["probability"] < 0.5 for p in predictions]

@@ -118,8 +118,16 @@ def test_api_errors_are_shown_as_readable_messages(browser, server, tmp_path):
 
 
 @needs_chromium
-def test_samples_work_without_a_file(browser, server):
+def test_the_card_says_what_the_default_model_knows_and_its_samples_fit_it(browser, server):
+    """The default model's card: synthetic shapes, not photos; its samples are its own classes, drawn by
+    the generator of its training data (GET /samples)."""
+    classes = httpx.get(f"{server.url}/model", timeout=30).json()["classes"]
     page, problems = open_ui(browser, server.url)
+    page.wait_for_selector("#card-panel:not([hidden])", timeout=30_000)
+    assert "does not know photos" in page.locator("#card-purpose").inner_text()
+    assert "shapes" in page.locator("[data-fact=dataset]").inner_text()
+    assert page.locator("button[data-sample]").evaluate_all("(buttons) => buttons.map((b) => b.dataset.sample)") \
+        == classes
     page.click("button[data-sample=checker]")
     page.wait_for_selector(".prediction", timeout=30_000)
     page.wait_for_selector("img.grid[data-layer=conv1]", timeout=30_000)

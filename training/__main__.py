@@ -4,6 +4,7 @@
     python -m training evaluate runs/small --data shapes [--report reports/small]
     python -m training register runs/small
     python -m training atlas runs/small --data shapes        # what each conv channel responds to
+    python -m training imagenet [--atlas MY_PHOTOS]          # torchvision's ImageNet AlexNet, registered
     torchrun --nproc-per-node 2 -m training --data shapes --out runs/ddp
 """
 
@@ -155,10 +156,11 @@ def run_atlas(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    from training.imagenet import main as run_imagenet
     from training.serve_version import main as run_serve_version
 
     commands = {"evaluate": run_evaluate, "register": run_register, "atlas": run_atlas,
-                "serve-version": run_serve_version}
+                "serve-version": run_serve_version, "imagenet": run_imagenet}
     if argv and argv[0] in commands:
         return commands[argv[0]](argv[1:])
     if argv and argv[0] == "train":

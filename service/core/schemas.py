@@ -23,6 +23,9 @@ class LabelScore(BaseModel):
 
 class ImagePrediction(BaseModel):
     top_k: list[LabelScore]
+    low_confidence: bool = Field(False, description=(
+        "the top probability is below LOW_CONFIDENCE_BELOW (0.5 by default): the model is unsure, often "
+        "because the image is unlike its training data (GET /model's `card` says what it knows)"))
 
 
 class ClassifyResponse(BaseModel):

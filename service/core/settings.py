@@ -82,6 +82,9 @@ class ServiceConfig(BaseSettings):
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1, description="one encoded image's limit (413 above)")
     max_image_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb guard, read from the header")
     max_feature_map_bytes: int = Field(8 * 1024 * 1024, ge=1, description="cap on one /feature_maps response")
+    low_confidence_below: float = Field(0.5, ge=0, le=1, description=(
+        "an answer whose top probability is below this is marked `low_confidence` (JSON and page): "
+        "unsure, or an input unlike the model's training data"))
     forward_threads: int = Field(1, ge=1, description="batches in flight at once per model worker")
     torch_threads: int = Field(0, ge=0, description="intra-op threads per forward; 0 = every core")
     max_concurrency: int = Field(256, ge=1, description="requests in flight per API worker before BentoML's 503")

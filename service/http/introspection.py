@@ -19,11 +19,13 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from model.card import model_card
 from model.checkpoint import CheckpointError
 from model.visualize import encode_png, kernel_grid
 from service.control.moves import request_move
 from service.core.refusals import Refusal
 from service.core.running import Running
+from service.http.samples import sample_image, sample_names
 
 UI_DIR = Path(__file__).parent / "ui"
 
@@ -56,6 +58,9 @@ async def describe_model(service) -> dict:
     served = await pipeline.backend.describe()
     return {
         "tag": version.tag,
+        "card": {**model_card(version.manifest, version.tag),
+                 "atlas": version.atlas.available, "samples": sample_names(_dataset(version)),
+                 "low_confidence_below": config.low_confidence_below},
         "preset": version.manifest.preset,
         "classes": version.manifest.class_names,
         "preprocessing": manifest["preprocessing"],
@@ -95,6 +100,34 @@ async def model_info(request: Request) -> Response:
     except Refusal as refusal:
         return refusal.response()
     return JSONResponse(await describe_model(service))
+
+
+def _dataset(version) -> str:
+    return str(version.manifest.training.get("dataset", "unknown"))
+
+
+async def samples(request: Request) -> Response:
+    """The sample images that fit the served model: their names and where to get them."""
+    try:
+        version = _service(request).pipeline.version
+    except Exception as err:
+        return _refused(err, request)
+    names = sample_names(_dataset(version))
+    return JSONResponse({"dataset": _dataset(version),
+                         "samples": [{"name": name, "url": f"/samples/{name}"} for name in names]})
+
+
+async def sample(request: Request) -> Response:
+    """One sample image (PNG or JPEG)."""
+    name = request.path_params["name"]
+    try:
+        dataset = _dataset(_service(request).pipeline.version)
+        data, media_type = await anyio.to_thread.run_sync(sample_image, dataset, name)
+    except KeyError:
+        return Refusal(404, "no_such_sample", f"no sample {name[:40]!r} for this model: see GET /samples").response()
+    except Exception as err:
+        return _refused(err, request)
+    return Response(data, media_type=media_type, headers={"Cache-Control": "max-age=3600"})
 
 
 async def kernels(request: Request) -> Response:
@@ -169,6 +202,8 @@ ROUTES = [
     Route("/model", model_info, methods=["GET"]),
     Route("/kernels", kernels, methods=["GET"]),
     Route("/atlas", atlas, methods=["GET"]),
+    Route("/samples", samples, methods=["GET"]),
+    Route("/samples/{name}", sample, methods=["GET"]),
     Route("/admin/model", move_model, methods=["POST"]),
     Route("/ui", ui_root, methods=["GET"]),
     Mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui"),

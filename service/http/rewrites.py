@@ -124,6 +124,18 @@ INTROSPECTION_PATHS = {
                              "layers"],
                 "properties": {
                     "tag": {"type": "string"}, "preset": {"type": "string"},
+                    "card": {"type": "object", "description": "what the model knows: dataset, purpose, classes, "
+                             "preset, accuracy on its test split, version, atlas, sample names, the "
+                             "low-confidence threshold",
+                             "required": ["version", "dataset", "purpose", "num_classes", "test_top1"],
+                             "properties": {
+                                 "version": {"type": "string"}, "dataset": {"type": "string"},
+                                 "purpose": {"type": "string"}, "preset": {"type": "string"},
+                                 "num_classes": {"type": "integer"},
+                                 "test_top1": {"type": ["number", "null"]}, "test_top5": {"type": ["number", "null"]},
+                                 "test_split": {"type": ["string", "null"]}, "atlas": {"type": "boolean"},
+                                 "samples": {"type": "array", "items": {"type": "string"}},
+                                 "low_confidence_below": {"type": "number"}}},
                     "classes": {"type": "array", "items": {"type": "string"}},
                     "preprocessing": {"type": "object"}, "training": {"type": "object"},
                     "weights_sha256": {"type": "string"}, "device": {"type": "string"},
@@ -158,6 +170,32 @@ INTROSPECTION_PATHS = {
             "401": {"description": ERROR_RESPONSES["401"], "content": _ERROR_BODY},
             "404": {"description": "this model has no atlas", "content": _ERROR_BODY},
             "422": {"description": "not a conv layer of the atlas, or a channel out of range", "content": _ERROR_BODY},
+        },
+    }},
+    "/samples": {"get": {
+        "summary": "Sample images that fit the served model",
+        "description": "For a model of the generated shapes, one shape of each class; for any other, "
+                       "scikit-image's sample photos. Each is fetched from its `url`.",
+        "responses": {
+            "200": {"description": "the samples", "content": {"application/json": {"schema": {
+                "type": "object", "required": ["dataset", "samples"], "properties": {
+                    "dataset": {"type": "string"},
+                    "samples": {"type": "array", "items": {"type": "object", "required": ["name", "url"],
+                                "properties": {"name": {"type": "string"}, "url": {"type": "string"}}}},
+                }}}}},
+            "401": {"description": ERROR_RESPONSES["401"], "content": _ERROR_BODY},
+        },
+    }},
+    "/samples/{name}": {"get": {
+        "summary": "One sample image",
+        "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
+                        "description": "a name from GET /samples"}],
+        "responses": {
+            "200": {"description": "the image", "content": {
+                "image/png": {"schema": {"type": "string", "format": "binary"}},
+                "image/jpeg": {"schema": {"type": "string", "format": "binary"}}}},
+            "401": {"description": ERROR_RESPONSES["401"], "content": _ERROR_BODY},
+            "404": {"description": "no sample of that name for this model", "content": _ERROR_BODY},
         },
     }},
     "/kernels": {"get": {

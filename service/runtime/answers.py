@@ -18,9 +18,13 @@ async def classify(pipeline: Pipeline, payloads: list[bytes], top_k: int) -> Cla
     predicted = await pipeline.predict("classify", payloads)
     order, scores = pipeline.ranked(predicted.probabilities, min(top_k, predicted.probabilities.shape[1]))
     names = predicted.version.manifest.class_names
+    # The top probability as the signal of an unfamiliar input: the maximum-softmax baseline
+    # (Hendrycks & Gimpel 2017); an image unlike the training data rarely gets a confident answer.
+    threshold = pipeline.config.low_confidence_below
     predictions = [
         ImagePrediction(top_k=[LabelScore(label=names[i], index=i, probability=p)
-                               for i, p in zip(row.tolist(), values.tolist())])
+                               for i, p in zip(row.tolist(), values.tolist())],
+                        low_confidence=bool(values[0] < threshold))
         for row, values in zip(order, scores)
     ]
     pipeline.observe_predictions("classify", predicted)

@@ -35,10 +35,15 @@ class Atlas:
         self._lock = threading.Lock()
 
     @property
+    def available(self) -> bool:
+        return atlas_format.INDEX_FILE in self.manifest.files
+
+    @property
     def index(self) -> dict:
-        if atlas_format.INDEX_FILE not in self.manifest.files:
-            raise Refusal(404, "no_atlas", "this model has no channel atlas; build one with "
-                                           "`python -m training atlas RUN_DIR --data DIR` and register it again")
+        if not self.available:
+            raise Refusal(404, "no_atlas", "this model has no channel atlas: it is built offline from a folder "
+                                           "of images (`python -m training atlas RUN_DIR --data DIR`, or "
+                                           "`make serve-imagenet ATLAS=DIR`) and registered with the model")
         if self._index is None:
             self._index = json.loads(read_attached(self.path, self.manifest, atlas_format.INDEX_FILE))
         return self._index

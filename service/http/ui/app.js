@@ -1,6 +1,6 @@
 // The feature-map inspector. Plain browser JavaScript, no build step, no
 // external fetch: everything comes from the service's public endpoints
-// (/model, /classify, /feature_maps, /kernels, /atlas, /explain), so it
+// (/model, /samples, /classify, /feature_maps, /kernels, /atlas, /explain), so it
 // doubles as an example of calling them.
 "use strict";
 
@@ -70,9 +70,10 @@ function showError(message) {
 function renderPredictions(result) {
   const list = $("predictions");
   list.replaceChildren();
-  for (const entry of result.predictions[0].top_k) {
+  const prediction = result.predictions[0];
+  for (const entry of prediction.top_k) {
     const item = document.createElement("li");
-    item.className = "prediction";
+    item.className = prediction.low_confidence ? "prediction unsure" : "prediction";
     const label = document.createElement("span");
     label.textContent = entry.label;
     const bar = document.createElement("div");
@@ -84,6 +85,55 @@ function renderPredictions(result) {
     list.append(item);
   }
   $("model-line").textContent = `model ${result.model}`;
+  const card = state.model && state.model.card;
+  $("low-confidence").hidden = !prediction.low_confidence;
+  $("low-confidence").textContent = prediction.low_confidence
+    ? `Low confidence: the top answer is below ${Math.round(100 * (card ? card.low_confidence_below : 0.5))}%. ` +
+      "The model is unsure, often because the image is unlike what it was trained on" +
+      (card ? ` (${card.dataset}).` : ".")
+    : "";
+}
+
+// The model card (GET /model's `card`): what the served model knows, before any answer is read.
+function renderCard(model) {
+  const card = model.card;
+  $("card-purpose").textContent = card.purpose;
+  const facts = [
+    ["dataset", card.dataset],
+    ["classes", card.num_classes.toLocaleString("en")],
+    ["preset", card.preset],
+    ["top-1 accuracy", card.test_top1 == null ? "not recorded"
+      : `${(100 * card.test_top1).toFixed(1)}%` + (card.test_split ? ` on ${card.test_split}` : "")],
+    ["version", card.version],
+  ];
+  $("card-facts").replaceChildren(...facts.map(([name, value]) => {
+    const row = document.createElement("div");
+    const term = document.createElement("dt");
+    term.textContent = name;
+    const detail = document.createElement("dd");
+    detail.textContent = value;
+    row.dataset.fact = name;
+    row.append(term, detail);
+    return row;
+  }));
+  $("card-atlas").textContent = card.atlas
+    ? "This model has a channel atlas: click a feature map to see what that channel responds to across the data."
+    : "This model has no channel atlas (it is built offline from a folder of images), so clicking a feature map " +
+      "shows only the map.";
+  $("card-class-count").textContent = card.num_classes.toLocaleString("en");
+  renderClasses(model.classes, "");
+  $("card-panel").hidden = false;
+}
+
+function renderClasses(classes, query) {
+  const wanted = query.trim().toLowerCase();
+  const shown = classes.map((name, index) => [name, index])
+    .filter(([name]) => !wanted || name.toLowerCase().includes(wanted)).slice(0, 200);
+  $("class-list").replaceChildren(...shown.map(([name, index]) => {
+    const item = document.createElement("li");
+    item.textContent = `${name} (${index})`;
+    return item;
+  }));
 }
 
 function describe(layer) {
@@ -265,35 +315,40 @@ async function analyse(blob) {
   }
 }
 
-// Built-in samples, drawn here so the page needs no image files: the kinds of
-// pattern early layers respond to.
-const SAMPLES = {
-  stripes(ctx, s) { ctx.fillStyle = "#f4d35e"; ctx.fillRect(0, 0, s, s); ctx.fillStyle = "#0d3b66";
-    for (let y = 0; y < s; y += s / 8) ctx.fillRect(0, y, s, s / 16); },
-  circle(ctx, s) { ctx.fillStyle = "#cde6f5"; ctx.fillRect(0, 0, s, s); ctx.fillStyle = "#e4572e";
-    ctx.beginPath(); ctx.arc(s / 2, s / 2, s / 3, 0, 2 * Math.PI); ctx.fill(); },
-  cross(ctx, s) { ctx.fillStyle = "#2d3047"; ctx.fillRect(0, 0, s, s); ctx.fillStyle = "#e0ca3c";
-    ctx.fillRect(s * 0.42, s * 0.15, s * 0.16, s * 0.7); ctx.fillRect(s * 0.15, s * 0.42, s * 0.7, s * 0.16); },
-  checker(ctx, s) { const c = s / 6; for (let i = 0; i < 6; i++) for (let j = 0; j < 6; j++) {
-    ctx.fillStyle = (i + j) % 2 ? "#1b998b" : "#fffd82"; ctx.fillRect(i * c, j * c, c, c); } },
-};
+// Samples that fit the served model (GET /samples): its own kinds of shape for the
+// default model, photos for a photo model.
+async function loadSamples() {
+  const body = await (await api("/samples")).json();
+  $("samples").replaceChildren(...body.samples.map((sample) => {
+    const button = document.createElement("button");
+    button.className = "button";
+    button.dataset.sample = sample.name;
+    button.textContent = sample.name.replaceAll("_", " ");
+    button.addEventListener("click", async () => {
+      try {
+        analyse(await (await api(sample.url)).blob());
+      } catch (error) {
+        showError(error.message);
+      }
+    });
+    return button;
+  }));
+}
 
-function sampleBlob(name) {
-  const canvas = document.createElement("canvas");
-  canvas.width = canvas.height = 128;
-  SAMPLES[name](canvas.getContext("2d"), 128);
-  return new Promise((resolve) => canvas.toBlob(resolve, "image/png"));
+// The card and the samples, once the service lets us read them (after an API key, where one is needed).
+async function loadIntroduction() {
+  try {
+    renderCard(await loadModel());
+    await loadSamples();
+  } catch (error) {
+    showError(error instanceof ApiError ? error.message : `Something went wrong: ${error.message}`);
+  }
 }
 
 function setUp() {
-  for (const name of Object.keys(SAMPLES)) {
-    const button = document.createElement("button");
-    button.className = "button";
-    button.dataset.sample = name;
-    button.textContent = name;
-    button.addEventListener("click", async () => analyse(await sampleBlob(name)));
-    $("samples").append(button);
-  }
+  $("class-search").addEventListener("input", (event) => {
+    if (state.model) renderClasses(state.model.classes, event.target.value);
+  });
   $("file-input").addEventListener("change", (event) => {
     if (event.target.files.length) analyse(event.target.files[0]);
   });
@@ -314,8 +369,11 @@ function setUp() {
     sessionStorage.setItem("apiKey", state.apiKey);
     $("api-key-box").hidden = true;
     state.model = null;
+    showError("");
+    loadIntroduction();
     if (state.image) analyse(state.image);
   });
+  loadIntroduction();
 }
 
 setUp();
