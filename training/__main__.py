@@ -37,6 +37,8 @@ def train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=DEFAULTS.lr, help="peak learning rate")
     parser.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay)
     parser.add_argument("--label-smoothing", type=float, default=DEFAULTS.label_smoothing)
+    parser.add_argument("--cutout", type=float, default=DEFAULTS.cutout,
+                        help="side of a square erased from each training image, as a fraction of it (0: none)")
     parser.add_argument("--warmup", type=float, default=DEFAULTS.warmup, help="fraction of the run")
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed)
     parser.add_argument("--shapes-per-class", type=int, default=DEFAULTS.shapes_per_class,
@@ -55,7 +57,7 @@ def run_train(argv: list[str]) -> int:
     config = RunConfig(
         data=args.data, preset=args.preset, out=args.out, epochs=args.epochs, time_budget=args.time_budget,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        label_smoothing=args.label_smoothing, warmup=args.warmup, seed=args.seed,
+        label_smoothing=args.label_smoothing, cutout=args.cutout, warmup=args.warmup, seed=args.seed,
         shapes_per_class=args.shapes_per_class, amp=not args.no_amp,
     )
     try:

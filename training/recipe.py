@@ -26,6 +26,7 @@ class RunConfig:
     lr: float = 0.1  # peak, for the global batch; SGD + nesterov
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
+    cutout: float = 0.0  # side of a gray square erased at random from each training image, as a fraction of it
     warmup: float = 0.05  # fraction of the run spent ramping the LR up
     seed: int = 0
     shapes_per_class: int = 800
@@ -61,12 +62,16 @@ def make_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer
     return torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True)
 
 
-def augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def augment(batch: torch.Tensor, generator: torch.Generator, cutout: float = 0.0) -> torch.Tensor:
     """Random crop after zero padding (shifts of up to 1/8 of the side) and
-    horizontal flip, on a uint8 (N, 3, S, S) batch.
+    horizontal flip, on a uint8 (N, 3, S, S) batch; with `cutout`, a gray square
+    of that fraction of the side erased at a random place (it may overhang the edge).
 
     Shifting teaches translation invariance beyond what pooling gives; the
     flip is label-preserving for natural photos and for every shapes class.
+    Cutout (DeVries & Taylor 2017) hides part of the object, so the network
+    cannot lean on one telltale patch: it regularizes small datasets that
+    many epochs would otherwise overfit.
     """
     n, _, size, _ = batch.shape
     pad = max(1, size // 8)
@@ -78,4 +83,12 @@ def augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         y, x = int(offsets[i, 0]), int(offsets[i, 1])
         crop = padded[i, :, y : y + size, x : x + size]
         out[i] = crop.flip(-1) if flips[i] else crop
+    if cutout > 0:
+        side = max(1, round(cutout * size))
+        centers = torch.randint(0, size, (n, 2), generator=generator)
+        rows = torch.arange(size)
+        inside_y = (rows[None, :] - centers[:, :1]).abs() <= side // 2  # (N, S)
+        inside_x = (rows[None, :] - centers[:, 1:]).abs() <= side // 2
+        erased = (inside_y[:, :, None] & inside_x[:, None, :])[:, None]  # (N, 1, S, S)
+        out = out.masked_fill(erased, 128)
     return out

@@ -174,7 +174,7 @@ def train_step(run: Run, batch_indices: torch.Tensor, lr: float) -> tuple[torch.
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     train = run.dataset.train
-    images = augment(train.images[batch_indices], run.augment_rng)
+    images = augment(train.images[batch_indices], run.augment_rng, run.config.cutout)
     images = images.to(run.ctx.device, non_blocking=True)
     labels = train.labels[batch_indices].to(run.ctx.device, non_blocking=True)
     inputs = run.normalizer(images).contiguous(memory_format=torch.channels_last)
