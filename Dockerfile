@@ -36,8 +36,10 @@ COPY testkit/ testkit/
 RUN pip install --no-cache-dir --no-deps .
 
 USER 10001
+# ACCESS_LOG=json: one JSON line per request on stdout, for the platform's log collector
 ENV CHECKPOINT_DIR=/model \
-    DEVICE=auto
+    DEVICE=auto \
+    ACCESS_LOG=json
 EXPOSE 3000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=90s --retries=3 \
     CMD ["curl", "-fsS", "http://127.0.0.1:3000/readyz"]

@@ -25,6 +25,7 @@ from model.attribution import MAX_STEPS, AttributionRequest
 from service.control.control_dir import ControlDir
 from service.control.follower import follow_versions
 from service.core.heap import freeze_startup_heap, limit_malloc_arenas
+from service.core import tracing
 from service.core.inputs import collect_payloads
 from service.core.running import Running
 from service.core.schemas import (
@@ -53,6 +54,7 @@ load_or_exit(MODEL_PATH)
 LAYOUT = Layout.choose(CONFIG)
 if LAYOUT.split:
     from service.runtime.model_service import ModelService
+TRACING = tracing.tracing_config(CONFIG.tracing_endpoint, CONFIG.tracing_sample_rate)
 RUNNING = Running()  # what the routes and guards BentoML builds apart from the service reach it by
 
 
@@ -64,7 +66,9 @@ RUNNING = Running()  # what the routes and guards BentoML builds apart from the 
     resources={"cpu": str(os.cpu_count() or 1)},
     traffic={"timeout": CONFIG.request_timeout_s, "max_concurrency": CONFIG.max_concurrency},
     http={"host": "127.0.0.1"},  # loopback unless --host says otherwise (the container does)
-    logging={"access": {"skip_paths": ["/metrics", "/healthz", "/livez", "/readyz"]}},
+    # BentoML's own access log, unless ours (JSON, service.http.observe) replaces it
+    logging={"access": {"enabled": CONFIG.access_log != "json", "skip_paths": list(tracing.EXCLUDED_PATHS)}},
+    **({"tracing": TRACING} if TRACING else {}),
 )
 class CNNService:
     if LAYOUT.split:
@@ -73,6 +77,7 @@ class CNNService:
     def __init__(self) -> None:
         self.ready = False
         self.config, self.layout = CONFIG, LAYOUT
+        tracing.start(TRACING is not None)
         control = ControlDir.for_this_server()  # what this server's workers share (service.control)
         self.pipeline = build_pipeline(CONFIG, LAYOUT, MODEL_PATH, MODEL_TAG, control,
                                        self.model_service if LAYOUT.split else None)

@@ -54,6 +54,18 @@ class ServiceMetrics:
         )
         self.refusals = prom.Counter("cnn_refusals_total", "Requests refused, by endpoint and reason.",
                                      ["endpoint", "reason"])
+        # Where the time goes (service.core.timeline): the same buckets on every instance, so that the
+        # histograms add up across workers and replicas.
+        self.request_seconds = prom.Histogram(
+            "cnn_request_duration_seconds", "End to end, from the request's arrival to its response's last byte.",
+            ["endpoint", "status"], buckets=LATENCY_BUCKETS,
+        )
+        self.stage_seconds = prom.Histogram(
+            "cnn_request_stage_seconds", "A request's time in each stage: admission, body, parse, decode, "
+            "batch_wait, forward (its batch's), answer.", ["endpoint", "stage"], buckets=LATENCY_BUCKETS,
+        )
+        self.batch_queue = prom.Gauge("cnn_batch_queue_images", "Images waiting for a batch (the queue's depth).",
+                                      multiprocess_mode="livesum")
 
     def _model_metrics(self, prom) -> None:
         """The model a worker serves, its moves, and its model worker's faults."""
@@ -125,6 +137,11 @@ class ServiceMetrics:
     def observe_batch(self, size: int, forward_seconds: float) -> None:
         self.batch_size.labels(self.device).observe(size)
         self.forward_seconds.labels("batch", self.device).observe(forward_seconds)
+
+    def observe_request(self, endpoint: str, status: int, seconds: float, stages: dict[str, float]) -> None:
+        self.request_seconds.labels(endpoint, str(status)).observe(seconds)
+        for stage, stage_seconds in stages.items():
+            self.stage_seconds.labels(endpoint, stage).observe(stage_seconds)
 
     def observe_predictions(self, endpoint: str, top_labels: list[str], top_probabilities: list[float]) -> None:
         """Answered images: how many, and each one's top-1 class and its probability (drift signals)."""

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -82,6 +82,14 @@ class ServiceConfig(BaseSettings):
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1, description="one encoded image's limit (413 above)")
     max_image_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb guard, read from the header")
     max_feature_map_bytes: int = Field(8 * 1024 * 1024, ge=1, description="cap on one /feature_maps response")
+    access_log: Literal["off", "json"] = Field("off", description=(
+        "`json`: one JSON line per request on stdout (time, method, route, status, duration, images, model, "
+        "trace id, client, body sizes, refusal, stages; never a header or a body); on in the container"))
+    tracing_endpoint: str | None = Field(None, description=(
+        "an OTLP/HTTP traces URL (e.g. http://collector:4318/v1/traces): traces on, a span per stage of each "
+        "request; unset: off"))
+    tracing_sample_rate: float = Field(0.1, ge=0, le=1, description=(
+        "share of traces kept where the client sent no sampling decision (a `traceparent`'s is followed)"))
     low_confidence_below: float = Field(0.5, ge=0, le=1, description=(
         "an answer whose top probability is below this is marked `low_confidence` (JSON and page): "
         "unsure, or an input unlike the model's training data"))

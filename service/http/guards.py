@@ -1,6 +1,8 @@
 """HTTP guards in front of every endpoint, one ASGI middleware per job, added in
 service.service in the order they run:
 
+  ObserveRequests where each request's time went: the latency breakdown, its spans, its access-log
+                  line (service.http.observe)
   SpreadConnections  `Connection: close` on an answer of a worker serving more than its share of
                   the client connections, so that they spread over the API workers
   UniformErrors   every error body as the documented {"error", "detail"} (the Open Inference
@@ -25,10 +27,11 @@ from __future__ import annotations
 import hmac
 
 
-from service.core import endpoints
+from service.core import endpoints, timeline
 from service.core.refusals import Refusal
 from service.core.running import Running
 from service.http.multipart import multipart_refusal
+from service.http.observe import ObserveRequests
 from service.http.rewrites import UNIFORM_ALREADY, amend_docs, uniform_errors
 from service.runtime.admission import TICKET
 
@@ -50,6 +53,7 @@ class _Guard:
     @staticmethod
     async def refuse(refusal: Refusal, scope, receive, send) -> None:
         scope[UNIFORM_ALREADY] = True  # rendered by service.core.refusals: UniformErrors need not rewrite it
+        timeline.note_refusal(refusal.reason)
         oip = endpoints.speaks_oip(scope.get("path", ""))
         await (refusal.oip_response() if oip else refusal.response())(scope, receive, send)
 
@@ -191,8 +195,9 @@ class AdmitWhenRoom(_Guard):
         admission, metrics = pipeline.admission, pipeline.metrics
         endpoint, body_bytes = endpoints.find(path), _content_length(scope) or 0
         label, lane = endpoint.label, endpoint.lane
-        ticket = await admission.enter(admission.door_estimate(label, body_bytes), label, body_bytes, lane,
-                                       admission.door_share(label, body_bytes) if lane else 0.0)
+        with timeline.stage("admission"):
+            ticket = await admission.enter(admission.door_estimate(label, body_bytes), label, body_bytes, lane,
+                                           admission.door_share(label, body_bytes) if lane else 0.0)
         if ticket is None:
             metrics.refusals.labels(label, "overloaded").inc()
             return await self.refuse(Refusal.overloaded(self.retry_after_s), scope, receive, send)
@@ -225,7 +230,8 @@ class LimitBody(_Guard):
         declared = _content_length(scope)
         if declared is not None and declared > self.max_body_bytes:
             return await self.refuse(self._too_large(f"{declared:,} bytes"), scope, receive, send)
-        body, too_large = await _read_body(receive, self.max_body_bytes)
+        with timeline.stage("body"):
+            body, too_large = await _read_body(receive, self.max_body_bytes)
         if too_large:
             return await self.refuse(self._too_large("more"), scope, receive, send)
         await self.app(scope, _replay(body), send)
@@ -308,6 +314,7 @@ def _replay(body: bytes):
 def add_guards(service_class, config, layout, running: Running) -> None:
     """Put the guards in front of the service, outermost first (BentoML's add_asgi_middleware); those that
     need the worker's pipeline reach it through `running`."""
+    service_class.add_asgi_middleware(ObserveRequests, running=running, access_log=config.access_log == "json")
     service_class.add_asgi_middleware(SpreadConnections, workers=layout.api_workers if config.spread_connections else 1)
     service_class.add_asgi_middleware(UniformErrors)
     service_class.add_asgi_middleware(AmendDocs, running=running)

@@ -43,13 +43,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
+from service.core import tracing
 from service.core.refusals import Refusal
+from service.core.timeline import Timeline
+from service.core.timeline import current as timeline_now
 
 
 @dataclass
@@ -57,6 +61,7 @@ class _Job:
     images: np.ndarray  # uint8 (k, S, S, 3)
     future: asyncio.Future
     queued_at: float = field(default_factory=time.perf_counter)
+    timeline: Timeline | None = field(default_factory=timeline_now)  # its request's (service.core.timeline)
 
 
 class _WindowMax:
@@ -114,6 +119,11 @@ class Batcher:
         self._wake: asyncio.Event | None = None
         self._workers: list[asyncio.Task] = []
 
+    @property
+    def queued(self) -> int:
+        """Images waiting for a batch (the queue's depth)."""
+        return self._queued_images
+
     @contextlib.contextmanager
     def expecting(self, images: int):
         """Announce `images` that will be submitted once decoded (submit them right after the block,
@@ -131,7 +141,10 @@ class Batcher:
         loop = asyncio.get_running_loop()
         if not self._workers:  # started in the serving event loop, on first use
             self._wake = asyncio.Event()
-            self._workers = [loop.create_task(self._run()) for _ in range(self.policy.parallel)]
+            # In a context of their own: a task copies its creator's, which here is one request's (its
+            # timeline and span would follow every batch).
+            self._workers = [loop.create_task(self._run(), context=contextvars.Context())
+                             for _ in range(self.policy.parallel)]
         job = _Job(images, loop.create_future())
         self._queue.append(job)
         self._queued_images += len(images)
@@ -207,7 +220,8 @@ class Batcher:
         started = time.perf_counter()
         self._running += len(batch)
         try:
-            result = await self.forward(batch)
+            with tracing.batch([job.timeline for job in jobs if job.timeline is not None], len(batch)):
+                result = await self.forward(batch)
         except Exception as err:  # a failed forward fails its own jobs, never the batcher
             for job in jobs:
                 if not job.future.done():
@@ -215,7 +229,13 @@ class Batcher:
             return
         finally:
             self._running -= len(batch)
-        per_image = (time.perf_counter() - started) / len(batch)
+        ended = time.perf_counter()
+        for job in jobs:  # each request's wait for its batch, and the batch's forward it shared
+            if job.timeline is not None:
+                job.timeline.record("batch_wait", job.queued_at, started)
+                job.timeline.record("forward", started, ended)
+                job.timeline.batch_sizes.append(len(batch))
+        per_image = (ended - started) / len(batch)
         self.forward_s_per_image = (per_image if not self.forward_s_per_image
                                     else 0.8 * self.forward_s_per_image + 0.2 * per_image)
         self.observe(len(batch), result)

@@ -28,6 +28,7 @@ from service.runtime.backend import describe_predictor
 from service.runtime.model_version import (
     ModelVersion, build_predictor, load_or_exit, load_version, locate_model, version_key,
 )
+from service.core import tracing
 from service.core.settings import CONFIG, Layout
 from service.core.metrics import ServiceMetrics
 from service.control.follower import follow_versions
@@ -66,6 +67,9 @@ def _device_for_worker() -> torch.device:
     # disconnected"; bentoml/BentoML#4971, #5540): 2% of requests at 32 clients here. The pool
     # lives as long as the worker instead.
     runner_connection={"max_requests": 2**62, "max_age": 10.0**12},
+    # its server spans continue the API worker's batch span (service.core.tracing)
+    **({"tracing": TRACING} if (TRACING := tracing.tracing_config(CONFIG.tracing_endpoint,
+                                                                  CONFIG.tracing_sample_rate)) else {}),
 )
 class ModelService:
     def __init__(self) -> None:

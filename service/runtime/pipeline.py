@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ import torch
 from model.inference import pick_device
 from model.preprocess import DecodeLimits
 from service.control.control_dir import ControlDir
-from service.core import endpoints
+from service.core import endpoints, timeline
 from service.core.metrics import ServiceMetrics
 from service.core.refusals import Refusal, refusal_for
 from service.core.settings import Layout, ServiceConfig
@@ -104,22 +105,32 @@ class Pipeline:
 
     async def decode(self, endpoint: str, payloads: list[bytes]) -> np.ndarray:
         timer = self.metrics.preprocess_seconds.labels(endpoint, self.metrics.device)
-        return await self.decoder.decode(payloads, timer)
+        request = timeline.current()
+        if request is not None:  # BentoML's parsing ran from the body's end to here
+            request.images = len(payloads)
+            body_end = max((end for stage, _, end in request.stages if stage == "body"), default=None)
+            if body_end is not None:
+                request.record("parse", body_end, time.perf_counter())
+        with timeline.stage("decode"):
+            return await self.decoder.decode(payloads, timer)
 
     async def predict(self, endpoint: str, payloads: list[bytes]) -> Predictions:
         """Encoded images admitted, decoded and batched: probabilities and embeddings, and their version."""
         async with self.admitted(endpoint, len(payloads), sum(len(data) for data in payloads), share=len(payloads)):
             with self.expecting(len(payloads)):
                 pixels = await self.decode(endpoint, payloads)
-            return await self.backend.predict(pixels)
+            predicted = await self.backend.predict(pixels)
+        _answering(predicted.version.tag)
+        return predicted
 
     async def on_one_image(self, endpoint: str, data: bytes, work, cost: int = 1, kind: str = ""):
         """One encoded image through `work(pixels)`: admitted (as `cost` images' worth of forward passes,
         one request in the endpoint's lane), decoded, timed and counted."""
         async with self.admitted(endpoint, cost, len(data), kind, share=1):
             pixels = (await self.decode(endpoint, [data]))[0]
-            with self.metrics.forward_seconds.labels(endpoint, self.metrics.device).time():
+            with self.metrics.forward_seconds.labels(endpoint, self.metrics.device).time(), timeline.stage("forward"):
                 result = await work(pixels)
+        _answering(self.version.tag)
         self.metrics.images.labels(endpoint).inc()
         return result
 
@@ -152,7 +163,21 @@ class Pipeline:
             raise err
         if endpoint is not None:
             self.metrics.refusals.labels(endpoint, refusal.reason).inc()
+        timeline.note_refusal(refusal.reason)
         return refusal.oip_response() if oip else refusal.response()
+
+    @property
+    def precision_name(self) -> str | None:
+        """What the served version computes in (None where the model worker holds it: the split layout)."""
+        predictor = self.version.predictor
+        return predictor.dtype_name if predictor is not None else None
+
+
+def _answering(model: str) -> None:
+    request = timeline.current()
+    if request is not None:
+        request.model = model
+        request.answering()
 
 
 def build_pipeline(config: ServiceConfig, layout: Layout, model_path, model_tag: str, control: ControlDir,
