@@ -10,7 +10,7 @@ HOST ?= 127.0.0.1
 PORT ?= 3000
 MODEL_OUT ?= runs/default
 
-.PHONY: install default-model serve serve-imagenet test test-precisions test-fast test-busy fuzz system-deps loadtest loadtest-overload loadtest-goodput loadtest-update bench bench-training replicas oip-clients bench-oip bench-peers gpu-check clean
+.PHONY: install default-model serve serve-imagenet test test-precisions test-fast test-busy fuzz system-deps loadtest loadtest-overload loadtest-goodput loadtest-update bench bench-training report replicas oip-clients bench-oip bench-peers gpu-check clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON_BIN) -m venv $(VENV)
@@ -101,6 +101,11 @@ loadtest-update: $(INSTALLED)
 # CPU per image, the null-model frontend (about 8 minutes on 2 cores); reports/bench.{json,png}.
 bench: $(INSTALLED)
 	$(PY) -m loadtests.bench
+
+# How much one instance takes within the latency budget: a concurrency x images-per-request sweep
+# (loadtests/report.py); writes reports/capacity/capacity.{csv,md} and two plots (about 3 minutes).
+report: $(INSTALLED)
+	$(PY) -m loadtests.report
 
 # The trainer on real photos: the cifar preset's recipe against its 0.80 target (and, with REFERENCE=1, a
 # plain recipe in the same 240 s), on a CIFAR-10 subset in ImageFolder layout (about 4 or 8 minutes).

@@ -159,7 +159,7 @@ async def closed_loop(url: str, bodies: list[tuple[bytes, dict]], clients: int, 
     served = len(latencies) / elapsed
     return {"clients": clients, "images_per_request": images_per_request, "requests_per_s": served,
             "images_per_s": served * images_per_request, "errors": sum(statuses.values()) - len(latencies),
-            "statuses": dict(sorted(statuses.items())), "p50_ms": pct(0.5), "p95_ms": pct(0.95),
+            "statuses": dict(sorted(statuses.items())), "p50_ms": pct(0.5), "p90_ms": pct(0.9), "p95_ms": pct(0.95),
             "p99_ms": pct(0.99), "requests": len(latencies), "images": len(latencies) * images_per_request,
             "seconds": elapsed}
 
@@ -290,6 +290,41 @@ def peer_comparison(reports: Path, seconds: float, env: dict[str, str],
         ours.stop()
 
 
+def tracing_cost(reports: Path, seconds: float, env: dict[str, str], rounds: int = 2) -> dict:
+    """Throughput at 32 clients x 8 images with traces on (every trace kept, exported over OTLP/HTTP to a
+    real receiver: testkit.otlp) against traces off: the `torchvision` preset, both servers up at once and
+    loaded in turn, `rounds` times each, so that the machine's drift falls on both sides. Target: on is
+    within 5% of off (docs/operations.md, "Where a request's time goes")."""
+    from testkit.otlp import OtlpReceiver
+
+    checkpoint = untrained_checkpoint("torchvision", reports / "models" / "torchvision")
+    base = {**os.environ, "BENTOML_DO_NOT_TRACK": "True", "CHECKPOINT_DIR": str(checkpoint), **env}
+    receiver = OtlpReceiver()
+    servers = {"off": ServerProcess(base, reports / "bench_tracing_off_server.log"),
+               "on": ServerProcess({**base, "TRACING_ENDPOINT": receiver.url, "TRACING_SAMPLE_RATE": "1.0"},
+                                   reports / "bench_tracing_on_server.log")}
+    try:
+        bodies = multipart_bodies(8)
+        for server in servers.values():
+            server.wait_ready(timeout=300)
+            asyncio.run(closed_loop(f"{server.url}/classify", bodies, 4, 2.0, 8))
+        rates: dict[str, list[float]] = {"off": [], "on": []}
+        for _ in range(rounds):
+            for name, server in servers.items():
+                row = measure_load(server, bodies, 32, 8, seconds, "cnn_batch_size_count", "cnn_batch_size_sum")
+                rates[name].append(row["images_per_s"])
+                print(f"  tracing {name:3s}, 32 clients x 8 img: {row['images_per_s']:7.1f} img/s, "
+                      f"p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms, "
+                      f"server CPU {row['cpu_ms_per_image']['total']:.2f} core-ms/img", flush=True)
+        medians = {name: statistics.median(values) for name, values in rates.items()}
+        return {"images_per_s": rates, "median_on_over_off": medians["on"] / medians["off"],
+                "spans_received": len(receiver.spans)}
+    finally:
+        for server in servers.values():
+            server.stop()
+        receiver.stop()
+
+
 def format_statuses(statuses: dict[str, int]) -> str:
     return " ".join(f"{count}x{status}" for status, count in statuses.items()) or "none"
 
@@ -341,6 +376,8 @@ def main() -> None:
     parser.add_argument("--peer", action="store_true",
                         help="only the BentoML peer comparison (skips forward passes, presets, null model)")
     parser.add_argument("--skip-peer", action="store_true", help="skip the BentoML peer comparison")
+    parser.add_argument("--tracing", action="store_true", help="only the cost of traces (on at 1.0 against off)")
+    parser.add_argument("--skip-tracing", action="store_true", help="skip the cost of traces")
     parser.add_argument("--peer-loads", nargs="+", default=[f"{c}x{n}" for c, n in PEER_LOADS], metavar="CxN",
                         help="the peer comparison's loads: clients x images per request")
     parser.add_argument("--env", action="append", default=[],
@@ -348,6 +385,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.peer and args.skip_peer:
         parser.error("--peer and --skip-peer contradict each other")
+    if args.tracing:
+        args.peer, args.skip_peer = True, True  # nothing but the tracing section
     args.reports.mkdir(parents=True, exist_ok=True)
     overrides = {**DEFAULT_SERVER_ENV, **dict(item.split("=", 1) for item in args.env)}
     from model.inference import configure_cpu_threads
@@ -396,6 +435,10 @@ def main() -> None:
             row = rows[0]
             row["requests_per_s_per_server_core"] = 1000 / row["cpu_ms_per_image"]["total"]
             results["null_model"][label] = row
+    if args.tracing or not (args.skip_tracing or args.peer):
+        print("traces: on (every trace kept) against off, 32 clients x 8 images, torchvision preset", flush=True)
+        results["tracing"] = tracing_cost(args.reports, args.seconds, overrides)
+        print(f"  on / off: {results['tracing']['median_on_over_off']:.3f}", flush=True)
     if "forward" in results and not args.skip_null and not args.peer:
         results["efficiency"] = efficiency(results, args.reports, args.seconds, overrides)
     (args.reports / "bench.json").write_text(json.dumps(results, indent=2))

@@ -83,7 +83,7 @@ def annotate(timeline: Timeline, endpoint: str, status: int, precision: str | No
     trace.get_current_span().set_attributes(attributes)
 
 
-def stage_spans(timeline: Timeline, endpoint: str) -> None:
+def stage_spans(timeline: Timeline) -> None:
     """The request's stages as child spans of its server span, with their recorded times."""
     if _tracer is None or timeline.span_context is None:
         return
@@ -92,7 +92,7 @@ def stage_spans(timeline: Timeline, endpoint: str) -> None:
     parent = trace.set_span_in_context(trace.NonRecordingSpan(timeline.span_context))
     for stage, start, end in sorted(timeline.stages, key=lambda s: (s[1], STAGES.index(s[0]))):
         span = _tracer.start_span(stage, context=parent, start_time=timeline.epoch_ns(start),
-                                  attributes={"cnn.stage": stage, "cnn.endpoint": endpoint})
+                                  attributes={"cnn.stage": stage})
         span.end(end_time=timeline.epoch_ns(end))
 
 

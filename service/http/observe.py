@@ -91,7 +91,7 @@ class ObserveRequests:
         if pipeline is not None and endpoint is not None and endpoint.sheddable:
             pipeline.metrics.observe_request(endpoint.label, status, ended - request.started, request.seconds())
             pipeline.metrics.batch_queue.set(pipeline.backend.batcher.queued)
-        tracing.stage_spans(request, endpoint.label if endpoint else request.path)
+        tracing.stage_spans(request)
         if self.log is not None:
             self.log.info(json.dumps(access_record(request, scope, endpoint, status, ended, sizes),
                                      separators=(",", ":")))
