@@ -248,3 +248,30 @@ def test_file_size_limit_fails_before_training(cli_env, tmp_path):
     assert result.returncode == 2
     assert "cannot write checkpoints" in result.stderr and "File too large" in result.stderr
     assert_nothing_trained(result)
+
+
+def test_the_own_photos_walkthrough_runs_as_written(run_cli, cli_env, tmp_path):
+    """docs/training.md's "Your own photos, end to end": each command as the page writes it, on a folder
+    of photos made here (one per class folder, no split given), with a seconds-long budget; serving the
+    registered model is the server tests' business."""
+    from testkit.docs import code_block
+
+    export_image_folder(tmp_path / "my_photos", per_class=8, size=48, seed=3)
+    flat = tmp_path / "my_photos"
+    for split in ("train", "test"):  # the page's simplest layout: one folder per class, split by seed
+        for folder in (flat / split).iterdir():
+            (flat / folder.name).mkdir(exist_ok=True)
+            for image in folder.iterdir():
+                image.rename(flat / folder.name / f"{split}-{image.name}")
+            folder.rmdir()
+        (flat / split).rmdir()
+    block = code_block("bash", "--data my_photos").replace("--time-budget 240", "--time-budget 4")
+    commands = [line.split("#")[0].strip() for line in block.splitlines() if line.startswith("python -m training")]
+    assert len(commands) == 4
+    for command in commands:
+        result = subprocess.run([sys.executable, "-m", *command.split()[2:]], cwd=tmp_path, env=cli_env,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, command + "\n" + result.stdout + result.stderr
+    assert "registered my-model:" in result.stdout
+    manifest = load_checkpoint(tmp_path / "runs" / "mine").manifest
+    assert manifest.class_names == sorted(CLASSES) and "atlas/atlas.json" in manifest.files
