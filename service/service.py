@@ -55,6 +55,8 @@ LAYOUT = Layout.choose(CONFIG)
 if LAYOUT.split:
     from service.runtime.model_service import ModelService
 TRACING = tracing.tracing_config(CONFIG.tracing_endpoint, CONFIG.tracing_sample_rate)
+if TRACING:
+    tracing.drop_message_spans()
 RUNNING = Running()  # what the routes and guards BentoML builds apart from the service reach it by
 
 

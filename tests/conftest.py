@@ -68,9 +68,33 @@ def server(cli_env, registered_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def secured_server(cli_env, registered_model, tmp_path_factory):
-    """The real service with API_KEY set."""
-    server = start_server(cli_env, tmp_path_factory.mktemp("secured"), API_KEY=API_KEY)
+def otlp_receiver():
+    """A real OTLP/HTTP trace receiver the traced servers export to (testkit.otlp)."""
+    from testkit.otlp import OtlpReceiver
+
+    receiver = OtlpReceiver()
+    yield receiver
+    receiver.stop()
+
+
+# Traces on (every one kept) and the JSON access log: as an operator runs the service in production.
+TRACED = {"TRACING_SAMPLE_RATE": "1.0", "ACCESS_LOG": "json"}
+
+
+@pytest.fixture(scope="session")
+def secured_server(cli_env, registered_model, otlp_receiver, tmp_path_factory):
+    """The real service with API_KEY set, traced (tests/test_observability.py reads its spans and log)."""
+    server = start_server(cli_env, tmp_path_factory.mktemp("secured"), API_KEY=API_KEY,
+                          TRACING_ENDPOINT=otlp_receiver.url, **TRACED)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def split_server(cli_env, registered_model, otlp_receiver, tmp_path_factory):
+    """Two API workers calling one batched model worker through bentoml.depends; traced."""
+    server = start_server(cli_env, tmp_path_factory.mktemp("split"), LAYOUT="split", API_WORKERS="2",
+                          TRACING_ENDPOINT=otlp_receiver.url, **TRACED)
     yield server
     server.stop()
 

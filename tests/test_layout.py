@@ -32,16 +32,6 @@ def test_unknown_layout_is_refused():
         Layout.choose(ServiceConfig(layout="sideways"), cores=2, gpus=0)
 
 
-@pytest.fixture(scope="module")
-def split_server(cli_env, registered_model, tmp_path_factory):
-    """Two API workers calling one batched model worker through bentoml.depends."""
-    from testkit.server import start_server
-
-    server = start_server(cli_env, tmp_path_factory.mktemp("split"), LAYOUT="split", API_WORKERS="2")
-    yield server
-    server.stop()
-
-
 @pytest.mark.slow
 def test_split_layout_serves_every_endpoint(split_server):
     url = split_server.url

@@ -16,29 +16,24 @@ from service.core.timeline import STAGES
 from testkit.aggregation import alert_expressions, dashboard_expressions
 from testkit.images import shape_png
 from testkit.metrics import metric_samples, metric_sum
-from testkit.otlp import OtlpReceiver
 from testkit.prometheus import JOB, PROMETHEUS, Prometheus
-from testkit.server import API_KEY, start_server
+from testkit.server import API_KEY
+from testkit.wait import wait_until
 
 pytestmark = pytest.mark.slow
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 @pytest.fixture(scope="module")
-def receiver():
-    receiver = OtlpReceiver()
-    yield receiver
-    receiver.stop()
+def receiver(otlp_receiver):
+    return otlp_receiver
 
 
 @pytest.fixture(scope="module")
-def traced(cli_env, registered_model, receiver, tmp_path_factory):
-    """Traces on (every trace kept), the JSON access log on, an API key: as an operator would run it."""
-    directory = tmp_path_factory.mktemp("traced")
-    server = start_server(cli_env, directory, TRACING_ENDPOINT=receiver.url, TRACING_SAMPLE_RATE="1.0",
-                          ACCESS_LOG="json", API_KEY=API_KEY, API_WORKERS="1")
-    yield server
-    server.stop()
+def traced(secured_server):
+    """Traces on (every trace kept), the JSON access log on, an API key: as an operator would run it
+    (conftest.py)."""
+    return secured_server
 
 
 def traceparent(sampled: bool = True) -> tuple[str, str, str]:
@@ -114,13 +109,17 @@ def test_the_access_log_has_one_json_line_per_request_and_never_the_key_or_the_b
     bad = httpx.post(f"{traced.url}/classify", json={"images_base64": [base64.b64encode(b"not pixels").decode()]},
                      headers=AUTH, timeout=60)
     assert ok.status_code == 200 and bad.status_code == 422
+    # each line is written once its response has gone out: read them when both are there
+    wait_until(lambda: {trace_id, bad.headers["x-trace-id"]} <= {line["trace_id"] for line in access_lines(traced)},
+               30, "both requests' log lines")
     lines = [line for line in access_lines(traced) if line["route"] == "/classify"]
     (logged,) = [line for line in lines if line["trace_id"] == trace_id]
     assert logged["method"] == "POST" and logged["status"] == 200 and logged["images"] == 1
     assert logged["model"] == ok.json()["model"] and logged["client"].startswith("127.0.0.1:")
     assert logged["request_bytes"] > len(image) and logged["response_bytes"] == len(ok.content)
     assert logged["refusal"] is None and 0 < sum(logged["stages_ms"].values()) <= logged["duration_ms"]
-    assert any(line["status"] == 422 and line["refusal"] == bad.json()["error"] for line in lines)
+    (refused,) = [line for line in lines if line["trace_id"] == bad.headers["x-trace-id"]]
+    assert refused["status"] == 422 and refused["refusal"] == bad.json()["error"]
     text = traced.log_path.read_text()
     assert API_KEY not in text and image[:64] not in text  # never the key, never the body
 
@@ -166,25 +165,19 @@ def test_prometheus_evaluates_the_breakdown_panel_and_the_waiting_alert(traced, 
         prometheus.stop()
 
 
-def test_in_the_split_layout_the_model_workers_spans_join_the_trace(cli_env, registered_model, receiver,
-                                                                   tmp_path_factory):
-    server = start_server(cli_env, tmp_path_factory.mktemp("traced_split"), TRACING_ENDPOINT=receiver.url,
-                          TRACING_SAMPLE_RATE="1.0", LAYOUT="split", API_WORKERS="1")
-    try:
-        header, trace_id, _ = traceparent()
-        response = httpx.post(f"{server.url}/classify", files=[("images", ("a.png", shape_png(2), "image/png"))],
-                              headers={"traceparent": header}, timeout=60)
-        assert response.status_code == 200 and response.headers["x-trace-id"] == trace_id
-        spans = receiver.wait_for(lambda spans: {"cnn_service", "cnn_model"}
-                                  <= {s.service for s in spans if s.trace_id == trace_id})
-        trace = {s.span_id: s for s in spans if s.trace_id == trace_id}
-        (batch,) = [s for s in trace.values() if s.name == "batch"]
-        model_side = [s for s in trace.values() if s.service == "cnn_model" and s.parent_id not in trace
-                      or s.service == "cnn_model" and trace[s.parent_id].service == "cnn_service"]
-        assert model_side  # the model worker's server span, under the API worker's call
-        ancestor = model_side[0]
-        while ancestor.parent_id in trace and ancestor.span_id != batch.span_id:
-            ancestor = trace[ancestor.parent_id]
-        assert ancestor.span_id == batch.span_id  # ... made from within the batch's span
-    finally:
-        server.stop()
+def test_in_the_split_layout_the_model_workers_spans_join_the_trace(split_server, receiver):
+    header, trace_id, _ = traceparent()
+    response = httpx.post(f"{split_server.url}/classify", files=[("images", ("a.png", shape_png(2), "image/png"))],
+                          headers={"traceparent": header}, timeout=60)
+    assert response.status_code == 200 and response.headers["x-trace-id"] == trace_id
+    spans = receiver.wait_for(lambda spans: {"cnn_service", "cnn_model"}
+                              <= {s.service for s in spans if s.trace_id == trace_id})
+    trace = {s.span_id: s for s in spans if s.trace_id == trace_id}
+    (batch,) = [s for s in trace.values() if s.name == "batch"]
+    model_side = [s for s in trace.values() if s.service == "cnn_model"
+                  and (s.parent_id not in trace or trace[s.parent_id].service == "cnn_service")]
+    assert model_side  # the model worker's server span, under the API worker's call
+    ancestor = model_side[0]
+    while ancestor.parent_id in trace and ancestor.span_id != batch.span_id:
+        ancestor = trace[ancestor.parent_id]
+    assert ancestor.span_id == batch.span_id  # ... made from within the batch's span

@@ -147,19 +147,20 @@ def test_sigkill_worker_under_load_recovers(own_server):
                for _, s in outcomes), {s for _, s in outcomes}
 
 
-@pytest.mark.parametrize("budget_ms", [1000, 30000])
-def test_killed_model_worker_fails_no_request(own_server, tmp_path, budget_ms):
+def test_killed_model_worker_fails_no_request(own_server, tmp_path):
     """The split layout's model worker SIGKILLed under load (8 clients of /classify): every request in
     flight or sent meanwhile is answered 200 (its batch run again on the worker BentoML starts in the
     killed one's place, within the latency budget) or 503 + Retry-After with the refusal body, never
     anything else; each refusal and retry is counted with its own reason. With a budget longer than the
-    replacement takes to start (30 s), every request is answered by it. AlexNet in fp32 (random
+    replacement takes to start (30 s), every request is answered by it. (With a 1 s budget the same
+    kill was answered 200 throughout in CI too: calls the killed worker had not accepted wait on its
+    socket for the replacement; one budget is run, for the suite's time.) AlexNet in fp32 (random
     weights): a model slow enough that a batch is usually in flight when the kill lands (the tiny test
     model's quick batches were mostly missed)."""
     from testkit.metrics import metric_samples, metric_sum
     from testkit.models import untrained_checkpoint
 
-    server = own_server(LAYOUT="split", API_WORKERS="2", PRECISION="fp32", MAX_LATENCY_MS=str(budget_ms),
+    server = own_server(LAYOUT="split", API_WORKERS="2", PRECISION="fp32", MAX_LATENCY_MS="30000",
                         CHECKPOINT_DIR=str(untrained_checkpoint("alexnet", tmp_path / "alexnet")))
     files = [("images", ("x.png", shape_png(1), "image/png"))]
     outcomes: list[tuple[float, int, str, str | None]] = []  # (time, status, error reason, Retry-After)
@@ -203,9 +204,9 @@ def test_killed_model_worker_fails_no_request(own_server, tmp_path, budget_ms):
     # Calls cut by the kill are retried (counted); calls not yet accepted by the killed worker wait on its
     # socket for the replacement instead (seen in CI: every answer 200 after 13 s, nothing retried).
     assert metric_sum(samples, "cnn_model_worker_retries_total", outcome="refused") <= unavailable
-    if budget_ms == 30000:  # time enough for the replacement: cut calls ran again on it
-        assert statuses == {(200, "")}
-        assert metric_sum(samples, "cnn_model_worker_retries_total", outcome="refused") == 0
+    # time enough for the replacement: cut calls ran again on it
+    assert statuses == {(200, "")}
+    assert metric_sum(samples, "cnn_model_worker_retries_total", outcome="refused") == 0
 
 
 def _kind(pid: int) -> str:

@@ -36,6 +36,24 @@ def tracing_config(endpoint: str | None, sample_rate: float) -> dict | None:
             "otlp": {"protocol": "http", "endpoint": endpoint}}
 
 
+def drop_message_spans() -> None:
+    """No span per ASGI message (`http receive`, `http send`: four or more a request) under the server
+    span: the stage spans say the same, and each span costs the server CPU to make and export.
+    OpenTelemetry's ASGI middleware offers `exclude_spans`; BentoML builds it without, so its default is
+    set here, before BentoML builds its app (at the service module's import)."""
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+
+    if getattr(OpenTelemetryMiddleware, "_cnn_message_spans_dropped", False):
+        return
+    build = OpenTelemetryMiddleware.__init__
+
+    def without_message_spans(self, app, *args, exclude_spans=None, **kwargs):
+        build(self, app, *args, exclude_spans=exclude_spans or ["receive", "send"], **kwargs)
+
+    OpenTelemetryMiddleware.__init__ = without_message_spans
+    OpenTelemetryMiddleware._cnn_message_spans_dropped = True
+
+
 def start(enabled: bool) -> None:
     """In each worker: our spans come from BentoML's tracer provider, the one its middleware uses (it
     offers no public accessor, hence the container)."""

@@ -55,6 +55,10 @@ def _device_for_worker() -> torch.device:
     return torch.device("cuda", (bentoml.server_context.worker_index - 1) % LAYOUT.gpus)
 
 
+if CONFIG.tracing_endpoint:
+    tracing.drop_message_spans()
+
+
 @bentoml.service(
     name="cnn_model",
     workers=LAYOUT.model_workers or 1,
