@@ -42,7 +42,6 @@ from testkit.server import ROOT, ServerProcess
 NAME = "cnn-update"
 ADMIN_KEY = "loadtest-admin"
 STEADY_S = 30  # Locust's users ramp up, then the steady load is measured over this, before the first move
-BEHAVIOUR_STEADY_S = 10  # as much with the behaviour gates alone (no latency to compare: past the cold start)
 SETTLE_S = 5  # between moves
 AFTER_S = 10  # steady load again after the last move
 WARMUP_S = 5  # the cold start's burst of 16 users onto a fresh server: admission control's, counted apart
@@ -223,8 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reports", type=Path, default=ROOT / "reports")
     args = parser.parse_args(argv)
     args.reports.mkdir(parents=True, exist_ok=True)
-    results, details = run(args.preset, args.layout, args.moves, args.reports,
-                           STEADY_S if args.gates == "all" else BEHAVIOUR_STEADY_S)
+    results, details = run(args.preset, args.layout, args.moves, args.reports)
     if args.gates == "behaviour":
         results = [g for g in results if "(speed)" not in g.name]
     print(json.dumps({"preset": args.preset, "layout": args.layout, "models": details["models"],
