@@ -64,10 +64,6 @@ def start(enabled: bool) -> None:
         _tracer = BentoMLContainer.tracer_provider.get().get_tracer("cnn_service")
 
 
-def enabled() -> bool:
-    return _tracer is not None
-
-
 def current_span_context():
     """The current span's context where it is sampled (recorded and exported), else None."""
     if _tracer is None:
