@@ -145,6 +145,13 @@ class Balancer:
         """No new requests to `slot`; those it holds run to their end."""
         self.command(f"set server {BACKEND}/{slot} state maint")
 
+    def set_weight(self, slot: str, percent: int) -> None:
+        """The slot's weight, in percent of its configured one: 0, no balanced requests (those pinned to it
+        by X-Replica still go); 100, its share again."""
+        answer = self.command(f"set weight {BACKEND}/{slot} {percent}%").strip()
+        if answer:
+            raise RuntimeError(f"haproxy: set weight {slot} {percent}% -> {answer!r}")
+
     def wait_status(self, slot: str, status: str, timeout: float) -> float:
         """Seconds until the slot's status starts with `status` (UP, DOWN, MAINT)."""
         start = time.time()

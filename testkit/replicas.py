@@ -152,11 +152,19 @@ class Fleet:
         # in sessions of their own, so killing the supervisor's process group would leave them serving.
         supervisor = psutil.Process(server.process.pid)
         tree = [supervisor, *supervisor.children(recursive=True)]
-        # The case that costs: requests certainly in flight on it (the load's are, now and then).
+        # The case that costs: requests certainly in flight on it (the load's are, now and then). While
+        # the uploads take their places the load goes elsewhere, so that the balancer's count of requests
+        # on the replica counts the uploads alone; then the load comes back to it for the kill.
+        self.balancer.set_weight(slot, 0)
+        self.balancer.wait_idle(slot, timeout=60)
         with ThreadPoolExecutor(SLOW_UPLOADS) as pool:
             killed = threading.Event()  # the uploads' last pieces wait for the kill: in flight for certain
             uploads = [pool.submit(slow_upload, self.balancer.url, slot, 5.0, killed) for _ in range(SLOW_UPLOADS)]
-            self.balancer.wait_busy(slot, SLOW_UPLOADS, timeout=10)
+            placed = self.balancer.wait_busy(slot, SLOW_UPLOADS, timeout=60)
+            self.balancer.set_weight(slot, 100)
+            if not placed:
+                killed.set()
+                raise TimeoutError(f"the {SLOW_UPLOADS} slow uploads did not reach {slot} within 60 s")
             time.sleep(0.3)
             killed_at = time.time()
             for process in tree:
