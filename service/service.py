@@ -24,6 +24,7 @@ from pydantic import Field
 from model.attribution import MAX_STEPS, AttributionRequest
 from service.control.control_dir import ControlDir
 from service.control.follower import follow_versions
+from service.control.rollout_follower import follow_rollouts
 from service.core.heap import freeze_startup_heap, limit_malloc_arenas
 from service.core import tracing
 from service.core.inputs import collect_payloads
@@ -85,6 +86,8 @@ class CNNService:
                                        self.model_service if LAYOUT.split else None)
         version = self.pipeline.version
         self.versions = follow_versions(self.pipeline, "api" if LAYOUT.split else "model", version.tag, control)
+        follow_rollouts(self.pipeline, self.versions, control, LAYOUT.api_workers + LAYOUT.model_workers,
+                        float(CONFIG.request_timeout_s * 4))
         if LAYOUT.split:
             self.pipeline.backend.catch_up = self.versions.step
         freeze_startup_heap()

@@ -23,7 +23,8 @@ DEFAULTS = RunConfig()
 def train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m training",
-        description="Train an AlexNet-style CNN. Subcommands: `evaluate CHECKPOINT_DIR`, `register CHECKPOINT_DIR`, `serve-version TAG --url URL`, "
+        description="Train an AlexNet-style CNN. Subcommands: `evaluate CHECKPOINT_DIR`, `register CHECKPOINT_DIR`, "
+                    "`serve-version TAG --url URL`, `rollout TAG --shadow 10%% --canary 5%%,50%% --url URL`, "
                     "`atlas CHECKPOINT_DIR`.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -159,10 +160,11 @@ def run_atlas(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     from training.imagenet import main as run_imagenet
+    from training.rollout import main as run_rollout
     from training.serve_version import main as run_serve_version
 
     commands = {"evaluate": run_evaluate, "register": run_register, "atlas": run_atlas,
-                "serve-version": run_serve_version, "imagenet": run_imagenet}
+                "serve-version": run_serve_version, "imagenet": run_imagenet, "rollout": run_rollout}
     if argv and argv[0] in commands:
         return commands[argv[0]](argv[1:])
     if argv and argv[0] == "train":

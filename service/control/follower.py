@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from service.control.control_dir import ControlDir, WorkerStatus
 from service.core.heap import settle_heap
+from service.core.priority import lower_this_thread
 
 POLL_SECONDS = 0.2  # how often a worker looks for a new order: the swap's latency, for a stat() call
 RELEASE_WAIT_S = 30.0  # how long a worker waits for the requests still on the old version before refreezing
@@ -49,6 +50,7 @@ class VersionFollower:
         self.on_result: Callable[[str, float], None] = lambda result, seconds: None
         self.on_settled: Callable[[str, float], None] = _log_settled
         self.on_error: Callable[[BaseException], None] = lambda err: None  # counted by the service
+        self.also: list[Callable[[], None]] = []  # looked at on each poll too, after the order (rollouts)
 
     def start(self) -> None:
         """Act on an order already there (a worker restarted after a move), then follow in a thread."""
@@ -62,10 +64,7 @@ class VersionFollower:
         # of the new version's warm-up inherit it): a move must not take the cores from the requests
         # being served meanwhile, or admission control would refuse some of them (seen in bf16 at 16
         # users without it: a few 503s per move).
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        except (AttributeError, OSError):  # not Linux: the move just competes for the cores
-            pass
+        lower_this_thread()
         while True:
             time.sleep(POLL_SECONDS)
             self.poll_once()
@@ -76,6 +75,8 @@ class VersionFollower:
         the next order must still be heard."""
         try:
             self.step()
+            for look in self.also:
+                look()
             self.settle()
         except Exception as err:  # noqa: BLE001 -- logged and counted, never silent
             log.exception("model version follower (pid %d): %s", self.pid, err)
@@ -108,15 +109,15 @@ class VersionFollower:
                     self.install(version)
                     del version
                     self.tag = order["tag"]
-                    self._watch_release(old)
+                    self.watch_release(old)
                 except Exception as err:  # the old version keeps serving
                     state, error = "refused", f"{type(err).__name__}: {err}"
                 self.on_result("ok" if state == "serving" else "refused", time.perf_counter() - started)
             self.generation = order["generation"]
             self.control.report(self._status(state, error, time.perf_counter() - started))
 
-    def _watch_release(self, old: Any) -> None:
-        """Remember the version moved away from, weakly, by what is heavy in it: its predictor. A
+    def watch_release(self, old: Any) -> None:
+        """Remember a version moved away from (or a rollout's candidate dropped), weakly, by what is heavy in it: its predictor. A
         version without one (the split layout's API workers, which keep recent versions known on
         purpose, service.runtime.backend.RemoteBackend) is not waited for."""
         heavy = getattr(old, "predictor", None)

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from model import store
 from model.checkpoint import CheckpointError, IncompatibleModel, Manifest, check_compatible, verify_checkpoint
 from service.control.control_dir import ControlDir, WorkerStatus
 from service.control.follower import POLL_SECONDS
+from service.core.priority import lower_this_thread
 from service.core.refusals import Refusal
 
 
@@ -89,10 +89,7 @@ def _at_lowest_priority(function: Callable, *args):
     outcome: dict[str, Any] = {}
 
     def run() -> None:
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        except (AttributeError, OSError):
-            pass
+        lower_this_thread()
         try:
             outcome["result"] = function(*args)
         except BaseException as err:  # noqa: BLE001 -- handed to the caller

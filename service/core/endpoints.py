@@ -63,6 +63,10 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("/atlas", "GET"),
     # administration (service.control.moves): move every worker to another model version
     Endpoint("/admin/model", admin=True),
+    # safe rollouts (service.control.rollout): a candidate in shadow or canary, judged, promoted or rolled back
+    Endpoint("/admin/rollout", admin=True),
+    Endpoint("/admin/rollout", "GET", admin=True),
+    Endpoint("/admin/rollout", "DELETE", admin=True),
     # open: health probes, metrics, the spec and BentoML's page showing it, the inspector's files
     Endpoint("/livez", "GET", open=True),
     Endpoint("/readyz", "GET", open=True),

@@ -25,6 +25,7 @@ class ServiceMetrics:
         self._work_metrics(prom)
         self._model_metrics(prom)
         self._capacity_metrics(prom)
+        self._rollout_metrics(prom)
         for endpoint in INFERENCE:
             self.images.labels(endpoint.label)  # series exist at 0 from the start: "no traffic" is visible
 
@@ -113,6 +114,43 @@ class ServiceMetrics:
         self.gpu_total = prom.Gauge("cnn_gpu_memory_total_bytes", "GPU memory on the device (0 on a CPU).",
                                     multiprocess_mode="livemax")
 
+
+    def _rollout_metrics(self, prom) -> None:
+        """A rollout (service.control.rollout), per pair of versions: the served one and the candidate."""
+        pair = ["served", "candidate"]
+        self.rollout_share = prom.Gauge(
+            "cnn_rollout_share", "The live rollout stage's share (of requests: shadow; of clients: canary); "
+            "0 when none.", [*pair, "mode"], multiprocess_mode="livemax")
+        self._rollout_announced: tuple | None = None
+        self.rollout_shadow_images = prom.Counter(
+            "cnn_rollout_shadow_images_total", "Images a shadow stage computed on the candidate too, by outcome: "
+            "the top-1 classes agreed, disagreed, or the shadow work was dropped (under load, or lost).",
+            [*pair, "outcome"])
+        self.rollout_shift = prom.Histogram(
+            "cnn_rollout_probability_shift", "Total-variation distance between the served version's and the "
+            "candidate's probabilities for one image (shadow).", pair,
+            buckets=(0.001, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0))
+        self.rollout_requests = prom.Counter(
+            "cnn_rollout_requests_total", "Requests during a rollout stage by who answered them (served or "
+            "candidate) and result (ok, error).", [*pair, "mode", "role", "result"])
+        self.rollout_seconds = prom.Histogram(
+            "cnn_rollout_model_seconds", "The model's part of a request (batch wait and forward) during a rollout, "
+            "by version role; shadow: the candidate's copy, at low priority.", [*pair, "mode", "role"],
+            buckets=LATENCY_BUCKETS)
+        self.rollout_decisions = prom.Counter(
+            "cnn_rollout_decisions_total", "Rollouts ended: promoted or rolled_back (by their gates, or a worker "
+            "that could not load the candidate), or stopped by the operator.", ["decision"])
+        for decision in ("promoted", "rolled_back", "stopped"):
+            self.rollout_decisions.labels(decision)
+
+    def announce_rollout(self, plan) -> None:
+        """cnn_rollout_share of the live stage this worker takes part in (None: none; the last one's is 0)."""
+        labels = (plan.served, plan.candidate, plan.mode) if plan is not None else None
+        if self._rollout_announced is not None and self._rollout_announced != labels:
+            self.rollout_share.labels(*self._rollout_announced).set(0)
+        if labels is not None:
+            self.rollout_share.labels(*labels).set(plan.share)
+        self._rollout_announced = labels
 
     def announce_model(self, tag: str, predictor, device_type: str) -> None:
         """cnn_model_info for the version this worker serves (API worker or model worker): 1 for it, 0 for

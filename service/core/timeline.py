@@ -39,6 +39,7 @@ class Timeline:
     batch_sizes: list[int] = field(default_factory=list)
     model: str | None = None
     refusal: str | None = None
+    client: str = ""  # who asks: its X-Client-Id, else its address (a rollout's canary is sticky per client)
     span_context: object | None = None  # the request's span, where it is traced (batches link to it)
     _answer_from: float | None = None
 

@@ -25,6 +25,7 @@ from model.visualize import encode_png, kernel_grid
 from service.control.moves import request_move
 from service.core.refusals import Refusal
 from service.core.running import Running
+from service.http.rollouts import rollout_state, start_rollout, stop_rollout
 from service.http.samples import sample_image, sample_names
 
 UI_DIR = Path(__file__).parent / "ui"
@@ -205,6 +206,9 @@ ROUTES = [
     Route("/samples", samples, methods=["GET"]),
     Route("/samples/{name}", sample, methods=["GET"]),
     Route("/admin/model", move_model, methods=["POST"]),
+    Route("/admin/rollout", start_rollout, methods=["POST"]),
+    Route("/admin/rollout", rollout_state, methods=["GET"]),
+    Route("/admin/rollout", stop_rollout, methods=["DELETE"]),
     Route("/ui", ui_root, methods=["GET"]),
     Mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui"),
 ]

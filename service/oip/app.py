@@ -165,7 +165,7 @@ async def infer(request: Request) -> Response:
             else:
                 with pipeline.expecting(count if plan.predicts else 0):
                     pixels = await pipeline.decode(ENDPOINT, tensor.bytes_elements())
-            predicted = await pipeline.backend.predict(pixels) if plan.predicts else None
+            predicted = await pipeline.forward(pixels) if plan.predicts else None
             maps = await oip_infer.feature_maps(pipeline, pixels, plan) if plan.layers else {}
         if predicted is not None:
             pipeline.observe_predictions(ENDPOINT, predicted)

@@ -14,6 +14,8 @@ model's structure, before any work: model/ raises the typed errors
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import contextvars
 import time
@@ -28,6 +30,7 @@ import torch
 from model.attribution import AttributionRequest
 from model.inference import Predictor
 from service.control.control_dir import ControlDir
+from service.core.priority import lower_this_thread
 from service.core.refusals import Refusal
 from service.core.settings import ServiceConfig
 from service.runtime.batching import BatchPolicy, Batcher
@@ -124,6 +127,12 @@ class LocalBackend(_Versions):
         self._observe_work = observe_work or (lambda kind, passes, seconds: None)
         policy = BatchPolicy(config.max_batch_size, config.max_latency_ms / 1000, parallel=config.forward_threads)
         self.batcher = Batcher(self._forward, self._split, policy, observe=self._observed)
+        # A rollout's candidate (service.runtime.rollout), batched apart: its canary's batches as the served
+        # version's, its shadow copies in a thread at the lowest CPU priority.
+        self.candidate: ModelVersion | None = None
+        self._background = concurrent.futures.ThreadPoolExecutor(1, "shadow-forward", initializer=lower_this_thread)
+        self.candidate_batchers = {"canary": Batcher(self._forward_candidate, self._split, policy),
+                                   "shadow": Batcher(self._forward_shadow, self._split, policy)}
         # Attributions: ATTRIBUTIONS_AT_ONCE, not in the batches' lane (batches behind them waited seconds).
         self._attributions = anyio.CapacityLimiter(ATTRIBUTIONS_AT_ONCE)  # this worker's
         self._control = control  # where the machine's workers take turns (None: this worker alone)
@@ -132,6 +141,20 @@ class LocalBackend(_Versions):
         version = self.current  # a batch runs on one version, whatever is swapped in meanwhile
         pixels = torch.from_numpy(batch).permute(0, 3, 1, 2)  # NHWC -> NCHW, channels-last in memory
         return _Batch(await anyio.to_thread.run_sync(version.predictor.predict, pixels), version)
+
+    async def _forward_candidate(self, batch: np.ndarray) -> _Batch:
+        version = self.candidate or self.current  # dropped meanwhile: the caller sees which version it was
+        pixels = torch.from_numpy(batch).permute(0, 3, 1, 2)
+        return _Batch(await anyio.to_thread.run_sync(version.predictor.predict, pixels), version)
+
+    async def _forward_shadow(self, batch: np.ndarray) -> _Batch:
+        version = self.candidate or self.current
+        pixels = torch.from_numpy(batch).permute(0, 3, 1, 2)
+        output = await asyncio.get_running_loop().run_in_executor(self._background, version.predictor.predict, pixels)
+        return _Batch(output, version)
+
+    def hold_candidate(self, version: ModelVersion | None) -> None:
+        self.candidate = version
 
     @staticmethod
     def _split(result: _Batch, start: int, stop: int) -> Predictions:
@@ -145,10 +168,14 @@ class LocalBackend(_Versions):
     def _observed(self, images: int, result: _Batch) -> None:
         self._observe(images, result.output.forward_seconds)
 
-    async def predict(self, images: np.ndarray) -> Predictions:
-        """Probabilities (k, C) and embeddings (k, D) for uint8 images (k, S, S, 3), batched with others."""
+    async def predict(self, images: np.ndarray, role: str = "served") -> Predictions:
+        """Probabilities (k, C) and embeddings (k, D) for uint8 images (k, S, S, 3), batched with others;
+        by a rollout's candidate for `role` canary or shadow."""
         with _unpinned():  # the batch carries its own version
-            return _handed_over(await self.batcher.submit(images))
+            return _handed_over(await self._batcher_for(role).submit(images))
+
+    def _batcher_for(self, role: str) -> Batcher:
+        return self.batcher if role == "served" else self.candidate_batchers[role]
 
     async def activations(self, image: np.ndarray, layers: list[str], stage: str) -> tuple[dict, ModelVersion]:
         version = self.version()
@@ -197,6 +224,9 @@ class RemoteBackend(_Versions):
         self._retry_after_s = config.retry_after_s
         policy = BatchPolicy(config.max_batch_size, config.max_latency_ms / 1000, parallel=self.PARALLEL_BATCHES)
         self.batcher = Batcher(lambda batch: self._call("predict", batch), self._split, policy, observe=self._observed)
+        # A rollout's candidate: the model worker holds its weights (ModelService.predict_candidate)
+        self.candidate_batchers = {role: Batcher(lambda batch: self._call("predict_candidate", batch), self._split,
+                                                 policy) for role in ("canary", "shadow")}
 
     # A call whose model worker died under it: the connection reset, closed or refused. (BentoML's client
     # of a `bentoml.depends` service is aiohttp's; BentoML starts another worker in the dead one's place.)
@@ -239,6 +269,11 @@ class RemoteBackend(_Versions):
             self.known.pop(next(iter(self.known)))
         super().install(version)
 
+    def hold_candidate(self, version: ModelVersion | None) -> None:
+        """What the model worker's answers from a rollout's candidate are known by (its shape and atlas)."""
+        if version is not None:
+            self.known[version_key(version.tag)] = version
+
     def _answered_by(self, key: float) -> ModelVersion:
         if int(key) not in self.known:
             self.catch_up()
@@ -252,9 +287,10 @@ class RemoteBackend(_Versions):
     def _observed(self, images: int, out: np.ndarray) -> None:
         self._observe(images, float(out[:, -2].sum()))
 
-    async def predict(self, images: np.ndarray) -> Predictions:
+    async def predict(self, images: np.ndarray, role: str = "served") -> Predictions:
         with _unpinned():  # the model service's answer says which version computed it
-            return _handed_over(await self.batcher.submit(images))
+            batcher = self.batcher if role == "served" else self.candidate_batchers[role]
+            return _handed_over(await batcher.submit(images))
 
     async def activations(self, image: np.ndarray, layers: list[str], stage: str) -> tuple[dict, ModelVersion]:
         """`layers` come checked by the endpoint (typed errors cannot cross processes)."""

@@ -32,6 +32,8 @@ from service.core import tracing
 from service.core.settings import CONFIG, Layout
 from service.core.metrics import ServiceMetrics
 from service.control.follower import follow_versions
+from service.control.rollout_follower import follow_rollouts
+from service.runtime.rollout import CandidateHolder
 
 LAYOUT = Layout.choose(CONFIG)
 
@@ -84,9 +86,15 @@ class ModelService:
         self.current = version
         self.install(version)
         self.classes = version.manifest.model_config.num_classes
+        self.candidates = CandidateHolder()  # a rollout's candidate (service.control.rollout), beside `current`
         self.follower = follow_versions(self, "model", version.tag)
+        follow_rollouts(self, self.follower, self.follower.control, LAYOUT.api_workers + LAYOUT.model_workers,
+                        float(CONFIG.request_timeout_s * 4))
 
     def load(self, tag: str) -> ModelVersion:
+        held = self.candidates.candidate  # a promoted candidate is the one already loaded
+        if held is not None and held.tag == tag:
+            return held
         return load_version(CONFIG, tag, self.device, self.current.manifest)
 
     def install(self, version: ModelVersion) -> None:
@@ -97,13 +105,20 @@ class ModelService:
     def predict(self, images: np.ndarray) -> np.ndarray:
         """uint8 (N, S, S, 3) -> float32 (N, classes + D + 2): probabilities | embedding | forward seconds / N |
         the key of the version that ran the batch (service.runtime.backend.version_key)."""
-        version = self.current
+        return self._predict_with(self.current, images)
+
+    def _predict_with(self, version: ModelVersion, images: np.ndarray) -> np.ndarray:
         output = version.predictor.predict(torch.from_numpy(images).permute(0, 3, 1, 2))
         self.metrics.observe_batch(len(images), output.forward_seconds)
         self._update_gpu_gauges()
         per_image = torch.full((len(images), 1), output.forward_seconds / len(images))
         key = torch.full((len(images), 1), float(version_key(version.tag)))
         return torch.cat([output.probabilities, output.embeddings, per_image, key], dim=1).numpy()
+
+    @bentoml.api(batchable=True, max_batch_size=CONFIG.max_batch_size, max_latency_ms=CONFIG.max_latency_ms)
+    def predict_candidate(self, images: np.ndarray) -> np.ndarray:
+        """`predict` by a rollout's candidate (the served version when none is held: the key says which)."""
+        return self._predict_with(self.candidates.candidate or self.current, images)
 
     @bentoml.api
     def activations(self, image: np.ndarray, layers: list[str], stage: str = "post_relu") -> list[np.ndarray]:

@@ -10,7 +10,8 @@ admits, decodes, batches, counts and refuses the same way:
                lane (service.runtime.admission); the door (service.http.guards.AdmitWhenRoom)
                admitted it at an estimate before its body was read, and this settles it
   decode       images to uint8 pixels at about the model's size (service.runtime.decoding)
-  predict      the pixels batched with other requests' through the backend (service.runtime.backend)
+  predict      the pixels batched with other requests' through the backend (service.runtime.backend):
+               the served version, or during a rollout its candidate (service.runtime.rollout)
   ranked       the top-k classes of each image, as /classify and OIP's classification give them
   observe_*    the metrics (service.core.metrics)
   refusal_response  an exception turned into its 4xx/503 answer, counted: the one place that does it
@@ -36,6 +37,7 @@ from service.runtime.admission import TICKET, Admission
 from service.runtime.backend import ATTRIBUTIONS_AT_ONCE, LocalBackend, Predictions, RemoteBackend
 from service.runtime.model_version import ModelVersion, build_predictor, load_or_exit, load_version
 from service.runtime.decoding import Decoder, decode_seconds_per_byte
+from service.runtime.rollout import RolloutSide
 
 
 class Pipeline:
@@ -44,6 +46,7 @@ class Pipeline:
         self.backend: LocalBackend | RemoteBackend
         self.admission: Admission
         self.decoder: Decoder
+        self.candidates: RolloutSide  # a rollout's candidate, beside the served version
         self.input_size = 0  # the same for every version the worker may move to
 
     # ----- the served version: everything a request draws on comes from one ------------------
@@ -58,7 +61,11 @@ class Pipeline:
         return self.backend.pin()
 
     def load(self, tag: str) -> ModelVersion:
-        """A version to move to, loaded beside the served one (service.control.follower calls this)."""
+        """A version to move to, loaded beside the served one (service.control.follower calls this): a
+        rollout's candidate, promoted, is the one already loaded."""
+        held = self.candidates.candidate
+        if held is not None and held.tag == tag:
+            return held
         if self.layout.split:  # the model worker loads the weights; this worker needs the shape and the atlas
             from model import store
 
@@ -119,9 +126,14 @@ class Pipeline:
         async with self.admitted(endpoint, len(payloads), sum(len(data) for data in payloads), share=len(payloads)):
             with self.expecting(len(payloads)):
                 pixels = await self.decode(endpoint, payloads)
-            predicted = await self.backend.predict(pixels)
+            predicted = await self.forward(pixels)
         _answering(predicted.version.tag)
         return predicted
+
+    async def forward(self, pixels: np.ndarray) -> Predictions:
+        """Decoded pixels through the model, batched: the served version's answer, or a rollout's
+        candidate's for its canary clients (service.runtime.rollout)."""
+        return await self.candidates.predict(pixels)
 
     async def on_one_image(self, endpoint: str, data: bytes, work, cost: int = 1, kind: str = ""):
         """One encoded image through `work(pixels)`: admitted (as `cost` images' worth of forward passes,
@@ -214,6 +226,7 @@ def build_pipeline(config: ServiceConfig, layout: Layout, model_path, model_tag:
                                    wait_seconds=config.admission_wait_ms / 1000,
                                    decode_seconds_per_byte=decode_seconds_per_byte(version.manifest.preprocessing,
                                                                                    limits), lanes=lanes)
+    pipeline.candidates = RolloutSide(pipeline.backend, metrics, max_shadow_images=config.max_batch_size)
     pipeline.input_size = version.manifest.preprocessing.input_size
     gpu = device if device.type == "cuda" and config.gpu_decode != "off" else None
     pipeline.decoder = Decoder(version.manifest.preprocessing, limits, gpu)
