@@ -10,7 +10,7 @@ HOST ?= 127.0.0.1
 PORT ?= 3000
 MODEL_OUT ?= runs/default
 
-.PHONY: install default-model serve serve-imagenet test test-precisions test-fast test-busy fuzz system-deps loadtest loadtest-overload loadtest-goodput loadtest-update bench bench-training report replicas oip-clients bench-oip bench-peers gpu-check clean
+.PHONY: install default-model serve serve-imagenet test test-precisions test-fast test-busy fuzz system-deps loadtest loadtest-overload loadtest-goodput loadtest-update loadtest-rollout bench bench-training report replicas oip-clients bench-oip bench-peers gpu-check clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON_BIN) -m venv $(VENV)
@@ -96,6 +96,11 @@ loadtest-goodput: $(INSTALLED)
 loadtest-update: $(INSTALLED)
 	for preset in small alexnet; do for layout in single split; do \
 	  $(PY) -m loadtests.update --preset $$preset --layout $$layout || exit 1; done; done
+
+# Rollouts under Locust: a bad candidate rolled back by its shadow stage, a good one promoted through
+# shadow and canary stages (loadtests/rollout.py has the gates); both layouts.
+loadtest-rollout: $(INSTALLED)
+	for layout in single split; do $(PY) -m loadtests.rollout --preset small --layout $$layout || exit 1; done
 
 # Forward passes against torchvision's AlexNet (the limit), decode costs, the service's throughput and
 # CPU per image, the null-model frontend (about 8 minutes on 2 cores); reports/bench.{json,png}.

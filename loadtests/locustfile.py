@@ -9,6 +9,8 @@ Tunable through the environment:
   LOCUST_THROUGHPUT=6.0                                  or: each user paces itself to this many requests/s
   LOCUST_HONOR_RETRY_AFTER=1                             a shed user waits Retry-After seconds, as
                                                          well-behaved clients do
+  LOCUST_CLIENT_IDS=256                                  each request as one of that many clients
+                                                         (X-Client-Id: a rollout's canary is per client)
 A 503 that carries Retry-After is counted as "shed" (the service protecting its
 latency budget); anything else that is not the expected body is an error.
 The per-endpoint outcome and latency summary is written to
@@ -53,6 +55,7 @@ WEIGHTS = _weights()
 HONOR_RETRY_AFTER = os.environ.get("LOCUST_HONOR_RETRY_AFTER", "") not in ("", "0")
 # Model updates (loadtests.update): the versions allowed to answer, and a timeline of latencies.
 MODELS = set(filter(None, os.environ.get("LOCUST_MODELS", "").split(",")))
+CLIENT_IDS = int(os.environ.get("LOCUST_CLIENT_IDS", "0") or 0)
 TIMELINE = os.environ.get("LOCUST_TIMELINE", "") not in ("", "0")
 
 
@@ -113,6 +116,8 @@ class _Checked(FastHttpUser):
         if files is not None:  # FastHttpUser (geventhttpclient) has no `files=`: encode multipart here
             kwargs["data"], content_type = encode_multipart_formdata(files)
             kwargs["headers"] = {"Content-Type": content_type}
+        if CLIENT_IDS:
+            kwargs["headers"] = {**kwargs.get("headers", {}), "X-Client-Id": f"client-{random.randrange(CLIENT_IDS)}"}
         start = time.perf_counter()
         with self.client.post(f"/{name.split(':')[0]}", name=name, catch_response=True, **kwargs) as resp:
             elapsed = (time.perf_counter() - start) * 1000

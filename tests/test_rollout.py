@@ -6,6 +6,7 @@ in both layouts."""
 from __future__ import annotations
 
 import base64
+import json
 import random
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from model.checkpoint import load_checkpoint, save_checkpoint
+from testkit.docs import code_block
 from testkit.images import shape_png
 from testkit.models import untrained_checkpoint
 from testkit.server import ROOT, start_server
@@ -189,6 +191,22 @@ def test_the_canary_share_is_as_asked_and_sticky_per_client(candidates, rollout_
     mean, sd = clients * share, (clients * share * (1 - share)) ** 0.5
     assert abs(on_candidate - mean) <= 4 * sd, on_candidate  # binomial: 4 standard deviations
     assert all(first[c] == model for c, model in again.items())  # sticky
+
+
+def test_the_docs_curl_lines_start_show_and_stop_a_rollout(candidates, rollout_server):
+    """The curl block of docs/operations.md, "Rollouts", as written (the tag and the address swapped in)."""
+    block = code_block("bash", "/admin/rollout").replace("\\\n", " ")
+    lines = [line.replace("cnn-classifier:<version>", candidates["same"]).replace("http://127.0.0.1:3000",
+                                                                                 rollout_server.url)
+             for line in block.splitlines() if line.strip() and not line.startswith("#")]
+    lines = [line.split(" #")[0] for line in lines]
+    assert len(lines) == 3
+    outputs = [subprocess.run(["bash", "-c", line.replace("curl ", "curl -s ", 1)], capture_output=True, text=True,
+                              timeout=300, check=True).stdout for line in lines]
+    started, shown, stopped = (json.loads(out) for out in outputs)
+    assert started["state"] == "running" and started["mode"] == "shadow" and started["candidate"] == candidates["same"]
+    assert shown["gates"][0]["gate"] == "min_requests" and shown["gates"][0]["limit"] == 200
+    assert stopped["state"] == "rolled_back" and stopped["reason"] == "stopped by the operator"
 
 
 def test_a_good_candidate_is_promoted_through_shadow_and_canary_with_no_failed_request(candidates, rollout_server,

@@ -79,6 +79,7 @@ class Plan:
     # the served version's error rate and p99 in the last stage that had both versions: what a canary
     # stage with no served traffic left (a share of 100%) is held to
     baseline: dict = field(default_factory=dict)
+    decided_on: dict = field(default_factory=dict)  # the stage's numbers when it was decided (GET shows them)
 
     @property
     def live(self) -> bool:
@@ -245,10 +246,13 @@ def state_of(rollouts: RolloutDir, expected_workers: int) -> dict:
         return {"state": "none"}
     tallies = rollouts.tallies(plan)
     found = numbers(tallies)
+    if not plan.live and plan.decided_on:
+        found = plan.decided_on  # decided, and the workers' tallies reset since: the numbers it was decided on
     verdict, gates = judge(plan, found)
     workers = [{"pid": t.pid, "candidate": t.candidate, "state": t.candidate_state, "error": t.error}
                for t in tallies]
-    return {**plan.to_dict(), "verdict": verdict, "numbers": found, "gates": gates, "workers": workers,
+    shown = {k: v for k, v in plan.to_dict().items() if k != "decided_on"}
+    return {**shown, "verdict": verdict, "numbers": found, "gates": gates, "workers": workers,
             "expected_workers": expected_workers}
 
 
@@ -276,6 +280,7 @@ class Judge:
                                              f"{refused[0].error}")
             found = numbers(tallies)
             verdict, gates = judge(plan, found)
+            plan.decided_on = found
             if verdict == "fail":
                 failed = "; ".join(f"{g['gate']}: {g['value']} against {g['limit']}" for g in gates if not g["passed"])
                 return self._roll_back(plan, f"stage {plan.stage} ({plan.mode} {plan.share:.0%}) failed {failed}")
