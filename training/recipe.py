@@ -27,6 +27,7 @@ class RunConfig:
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
     cutout: float = 0.0  # side of a gray square erased at random from each training image, as a fraction of it
+    ema: float = 0.0  # the decay of an exponential moving average of the weights, evaluated and saved (0: none)
     warmup: float = 0.05  # fraction of the run spent ramping the LR up
     seed: int = 0
     shapes_per_class: int = 800
@@ -92,3 +93,19 @@ def augment(batch: torch.Tensor, generator: torch.Generator, cutout: float = 0.0
         erased = (inside_y[:, :, None] & inside_x[:, None, :])[:, None]  # (N, 1, S, S)
         out = out.masked_fill(erased, 128)
     return out
+
+
+def weight_average(net: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel | None:
+    """An exponential moving average of `net`'s weights (and buffers: BatchNorm's statistics), updated after
+    each step; None for `decay` 0. Late in a run SGD's weights jitter around a minimum; their average lies
+    nearer its middle and usually tests better than the last step's. The decay starts low and rises to
+    `decay` ((1 + t) / (10 + t) at step t, as TensorFlow's ExponentialMovingAverage does), so a short run's
+    average is not held back by its random initialization."""
+    if decay <= 0:
+        return None
+
+    def average(averaged: torch.Tensor, current: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        rate = min(decay, (1.0 + float(steps)) / (10.0 + float(steps)))
+        return averaged * rate + current * (1.0 - rate)
+
+    return torch.optim.swa_utils.AveragedModel(net, avg_fn=average, use_buffers=True)

@@ -75,6 +75,7 @@ class Run:
     autocast_dtype: torch.dtype | None  # bf16 where the device computes it natively, else None (fp32)
     total_steps: int
     progress: Progress
+    ema: nn.Module | None = None  # the moving average of the weights (recipe.weight_average), evaluated and saved
 
     def fraction_done(self) -> float:
         """Progress in [0, 1]: of the time budget spent, or of the steps taken."""
@@ -118,6 +119,7 @@ def save_training_state(run: Run) -> None:
             "run_config": run.config.to_dict(),
             "progress": run.progress.__dict__.copy(),
             "model": run.net.state_dict(),
+            "ema": run.ema.state_dict() if run.ema is not None else {},
             "optimizer": run.optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "augment_rng": rng_states,

@@ -32,7 +32,7 @@ from model.preprocess import Normalizer
 from training import distributed
 from training.data import Dataset, load_dataset
 from training.evaluate import EvalResult, evaluate, format_agreement, precision_agreement
-from training.recipe import RunConfig, augment, lr_factor, make_optimizer
+from training.recipe import RunConfig, augment, lr_factor, make_optimizer, weight_average
 from training.state import Run, resume_point, save_training_state
 
 LOG_FILE = "train_log.jsonl"
@@ -115,7 +115,10 @@ def setup_run(config: RunConfig, ctx: distributed.Context, resume: bool) -> Run:
         normalizer=Normalizer(preset.preprocessing), sampler=sampler, augment_rng=augment_rng,
         autocast_dtype=torch.bfloat16 if use_amp else None,
         total_steps=config.epochs * math.ceil(len(sampler) / config.batch_size), progress=progress,
+        ema=weight_average(net, config.ema),
     )
+    if run.ema is not None and state is not None and state.get("ema"):
+        run.ema.load_state_dict(state["ema"])
     if ctx.is_main:
         _announce(run)
     return run
@@ -185,6 +188,8 @@ def train_step(run: Run, batch_indices: torch.Tensor, lr: float) -> tuple[torch.
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     run.optimizer.step()
+    if run.ema is not None:
+        run.ema.update_parameters(run.net)
     return loss, logits, labels
 
 
@@ -194,12 +199,13 @@ def end_of_epoch(run: Run, stats: dict) -> Manifest | None:
     if run.ctx.is_main:
         eval_start = time.perf_counter()
         # In fp32 even when the steps run under bf16 autocast: the accuracy of the weights as saved.
-        result = evaluate(run.net, run.dataset.test, run.normalizer, len(run.dataset.class_names), run.ctx.device)
+        net = run.ema.module if run.ema is not None else run.net  # the weights saved: the average, if kept
+        result = evaluate(net, run.dataset.test, run.normalizer, len(run.dataset.class_names), run.ctx.device)
         _log_epoch(run, stats, result)
         if result.top1 > run.progress.best_top1:
             run.progress.best_top1, run.progress.best_epoch = result.top1, run.progress.epoch
             manifest = save_checkpoint(
-                run.config.out, run.net, run.dataset.class_names, get_preset(run.config.preset).preprocessing,
+                run.config.out, net, run.dataset.class_names, get_preset(run.config.preset).preprocessing,
                 run.config.preset, training=_training_summary(run, result),
             )
         # Evaluation time counts against a time budget: it is wall-clock the user waits for.
