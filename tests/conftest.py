@@ -92,9 +92,10 @@ def secured_server(cli_env, registered_model, otlp_receiver, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def split_server(cli_env, registered_model, otlp_receiver, tmp_path_factory):
-    """Two API workers calling one batched model worker through bentoml.depends; traced."""
+    """Two API workers calling one batched model worker through bentoml.depends; traced; with an admin key
+    (tests/test_rollout.py runs a rollout on it, and leaves it on its version)."""
     server = start_server(cli_env, tmp_path_factory.mktemp("split"), LAYOUT="split", API_WORKERS="2",
-                          TRACING_ENDPOINT=otlp_receiver.url, **TRACED)
+                          TRACING_ENDPOINT=otlp_receiver.url, ADMIN_KEY="change-me", **TRACED)
     yield server
     server.stop()
 

@@ -76,6 +76,8 @@ class Run:
     total_steps: int
     progress: Progress
     ema: nn.Module | None = None  # the moving average of the weights (recipe.weight_average), evaluated and saved
+    eval_seconds: float | None = None  # what the last evaluation took (trainer.evaluation_due)
+    last_evaluated: int = 0  # the epoch it followed
 
     def fraction_done(self) -> float:
         """Progress in [0, 1]: of the time budget spent, or of the steps taken."""

@@ -68,7 +68,8 @@ def train(config: RunConfig, resume: bool = False) -> Manifest | None:
     while run.fraction_done() < 1.0:
         stats = train_one_epoch(run)
         run.progress.epoch += 1
-        manifest = end_of_epoch(run, stats) or manifest
+        if run.fraction_done() >= 1.0 or evaluation_due(run, stats):
+            manifest = end_of_epoch(run, stats) or manifest
         save_training_state(run)
 
     progress = run.progress
@@ -165,6 +166,7 @@ def train_one_epoch(run: Run) -> dict:
     bar.close()
     seconds = time.perf_counter() - epoch_start
     return {
+        "epoch_seconds": round(seconds, 3),  # its training steps' wall-clock
         "train_loss": loss_sum / max(1, seen),
         "train_top1": correct / max(1, seen),
         "images_per_sec": seen * run.ctx.world_size / max(1e-9, seconds),
@@ -193,6 +195,22 @@ def train_step(run: Run, batch_indices: torch.Tensor, lr: float) -> tuple[torch.
     return loss, logits, labels
 
 
+EVALUATION_SHARE = 0.1  # under a time budget, the most of it evaluations may take
+
+
+def evaluation_due(run: Run, stats: dict) -> bool:
+    """Evaluate after this epoch? Always, without a time budget (every epoch is logged). Under one, the
+    evaluations (the test split, the checkpoint written) come from the same seconds as the training: on
+    a 2-core CPU one took 0.8 s beside an epoch's 3.6 s of training (the CIFAR-10 subset: 10,000
+    training and 3,000 test images), so evaluating every epoch spent 18% of the budget not training.
+    Then every k-th epoch, k such that evaluations take at most EVALUATION_SHARE of the time; the last
+    epoch always."""
+    if not run.config.time_budget or run.eval_seconds is None:
+        return True
+    every = math.ceil(run.eval_seconds / (EVALUATION_SHARE * max(1e-9, stats["epoch_seconds"])))
+    return run.progress.epoch - run.last_evaluated >= every
+
+
 def end_of_epoch(run: Run, stats: dict) -> Manifest | None:
     """Rank 0 evaluates, logs and keeps the best checkpoint; the others wait."""
     manifest = None
@@ -209,7 +227,9 @@ def end_of_epoch(run: Run, stats: dict) -> Manifest | None:
                 run.config.preset, training=_training_summary(run, result),
             )
         # Evaluation time counts against a time budget: it is wall-clock the user waits for.
-        run.progress.elapsed += time.perf_counter() - eval_start
+        run.eval_seconds = time.perf_counter() - eval_start
+        run.progress.elapsed += run.eval_seconds
+    run.last_evaluated = run.progress.epoch
     run.sync_clock()
     distributed.barrier(run.ctx)
     return manifest

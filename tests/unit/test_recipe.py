@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from training.recipe import augment, lr_factor
 
@@ -32,3 +33,36 @@ def test_cutout_erases_one_gray_square_of_the_asked_side_in_each_image():
 def test_the_schedule_warms_up_then_decays_to_zero():
     assert lr_factor(0.0, 0.1) == 0 and lr_factor(0.05, 0.1) == 0.5 and lr_factor(0.1, 0.1) == 1
     assert lr_factor(1.0, 0.1) == 0 and 0 < lr_factor(0.6, 0.1) < 1
+
+
+def test_the_weights_moving_average_follows_them_with_a_decay_that_rises_to_its_setting():
+    from training.recipe import weight_average
+
+    assert weight_average(nn.Linear(2, 1), 0.0) is None
+    net = nn.Linear(2, 1, bias=False)
+    nn.init.zeros_(net.weight)
+    average = weight_average(net, 0.999)
+    average.update_parameters(net)  # the first update copies
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    average.update_parameters(net)  # second: decay (1 + 1) / (10 + 1), not yet 0.999
+    assert torch.allclose(average.module.weight, torch.full((1, 2), 1 - 2 / 11))
+    for _ in range(5000):
+        average.update_parameters(net)
+    assert torch.allclose(average.module.weight, torch.ones(1, 2), atol=1e-2)
+
+
+def test_under_a_time_budget_evaluations_take_at_most_a_tenth_of_it():
+    from types import SimpleNamespace
+
+    from training.trainer import evaluation_due
+
+    def run(budget, eval_seconds, last, epoch):
+        return SimpleNamespace(config=SimpleNamespace(time_budget=budget), eval_seconds=eval_seconds,
+                               last_evaluated=last, progress=SimpleNamespace(epoch=epoch))
+
+    epoch = {"epoch_seconds": 3.6}
+    assert evaluation_due(run(None, 0.8, 1, 2), epoch)  # no budget: every epoch
+    assert evaluation_due(run(240, None, 0, 1), epoch)  # the first: to know what one costs
+    # 0.8 s against 3.6 s of training: every third epoch (0.8 / 3 epochs = 7% of the time)
+    assert [evaluation_due(run(240, 0.8, 1, e), epoch) for e in (2, 3, 4)] == [False, False, True]
