@@ -18,25 +18,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from loadtests.__main__ import Gate, load_scenario
-from loadtests.update import WARMUP_S, p99, workers_rss
-from testkit.locust import locust_command, locust_results
+from loadtests.__main__ import Gate
+from loadtests.update import ADMIN_KEY, WARMUP_S, p99, serving, under_locust, workers_rss
 from testkit.models import untrained_checkpoint
 from testkit.server import ROOT, ServerProcess
 from training.rollout import Service, run_stage
 
 NAME = "cnn-rollout"
-ADMIN_KEY = "loadtest-admin"
 STEADY_S = 30  # steady load before the first rollout: the baseline p99, and memory before
 AFTER_S = 10  # steady load after the promotion, before memory is read again
 SHADOW, CANARY = 0.1, (0.25, 0.5)
@@ -114,33 +109,12 @@ def gates(summary: dict, driven: dict, tags: dict[str, str], started: float) -> 
 
 
 def run(preset: str, layout: str, reports: Path) -> tuple[list[Gate], dict]:
-    work = Path(tempfile.mkdtemp(prefix="rollout-"))
-    env = {**os.environ, "BENTOML_HOME": str(work / "home"), "BENTOML_DO_NOT_TRACK": "True"}
-    try:
-        tags = publish_versions(preset, work, env)
-        server = ServerProcess({**env, "MODEL_TAG": tags["served"], "ADMIN_KEY": ADMIN_KEY, "LAYOUT": layout},
-                               reports / f"rollout_{preset}_{layout}_server.log")
-        try:
-            server.wait_ready(timeout=300)
-            scenario = load_scenario(ROOT / "loadtests" / "slo.toml", "smoke", [], "behaviour")
-            scenario.update({"_name": f"rollout_{preset}_{layout}", "users": 16, "spawn_rate": 16,
-                             "duration": f"{int(STEADY_S + AFTER_S + 8 * STAGE_TIMEOUT_S)}s"})
-            command, locust_env = locust_command(scenario, server.url, reports)
-            locust_env.update({"LOCUST_MODELS": f"{tags['served']},{tags['good']}", "LOCUST_TIMELINE": "1",
-                               "LOCUST_CLIENT_IDS": "256"})
-            started = time.time()
-            locust = subprocess.Popen(command, cwd=ROOT, env=locust_env)
-            try:
-                driven = drive(server.url, tags, server)
-            finally:
-                locust.terminate()  # the rollouts are done: stop the load (it writes its summary on the way out)
-                locust.wait(timeout=120)
-            summary, _ = locust_results(scenario, reports)
-        finally:
-            server.stop()
-        return gates(summary, driven, tags, started), {"models": summary["models"], **driven}
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with serving("rollout", preset, layout, reports, publish_versions, "served") as (tags, server):
+        summary, driven, started = under_locust(
+            f"rollout_{preset}_{layout}", server, reports, STEADY_S + AFTER_S + 8 * STAGE_TIMEOUT_S,
+            {"LOCUST_MODELS": f"{tags['served']},{tags['good']}", "LOCUST_CLIENT_IDS": "256"},
+            lambda: drive(server.url, tags, server))
+    return gates(summary, driven, tags, started), {"models": summary["models"], **driven}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,9 +4,9 @@
 
 Trains the `cifar` preset on an ImageFolder of photos with the project's recipe (random crop and flip,
 cutout, label smoothing 0.1, warm-up + cosine fitted to the time budget, channels-last, bf16 autocast
-where the CPU computes bf16, a moving average of the weights) and prints its test top-1 against TARGET_TOP1; with --reference, also the same
-network with a plain recipe (crop and flip only, no label smoothing, fp32) in the same budget, for the ratio. Exits 1 when
-the recipe misses the target. A benchmark, not a test: its figure depends on the machine and the hour.
+where the CPU computes bf16, a moving average of the weights) and prints its test top-1 against
+TARGET_TOP1; with --reference, also the same network with a plain recipe (crop and flip only, no label
+smoothing, fp32) in the same budget, for the ratio. Exits 1 when the recipe misses the target. A benchmark, not a test: its figure depends on the machine and the hour.
 """
 
 from __future__ import annotations

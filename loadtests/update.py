@@ -20,6 +20,7 @@ Loopback only, bounded in time: it stops by itself.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -27,9 +28,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import httpx
 import psutil
@@ -179,38 +180,54 @@ def counts(summary: dict, driven: dict, started: float) -> dict:
     return found
 
 
-def run(preset: str, layout: str, moves: int, reports: Path, steady_s: float = STEADY_S) -> tuple[list[Gate], dict]:
-    work = Path(tempfile.mkdtemp(prefix="update-"))
+@contextlib.contextmanager
+def serving(name: str, preset: str, layout: str, reports: Path, publish: Callable, served: str):
+    """A private model store with `publish(preset, workdir, env)`'s versions, and a ready server (admin key
+    set) serving the one named `served`; (tags, server) inside the block, all removed after it."""
+    work = Path(tempfile.mkdtemp(prefix=f"{name}-"))
     env = {**os.environ, "BENTOML_HOME": str(work / "home"), "BENTOML_DO_NOT_TRACK": "True"}
     try:
-        tags = publish_versions(preset, work, env)
-        server = ServerProcess({**env, "MODEL_TAG": tags["v1"], "ADMIN_KEY": ADMIN_KEY, "LAYOUT": layout},
-                               reports / f"update_{preset}_{layout}_server.log")
+        tags = publish(preset, work, env)
+        server = ServerProcess({**env, "MODEL_TAG": tags[served], "ADMIN_KEY": ADMIN_KEY, "LAYOUT": layout},
+                               reports / f"{name}_{preset}_{layout}_server.log")
         try:
             server.wait_ready(timeout=300)
-            scenario = load_scenario(ROOT / "loadtests" / "slo.toml", "smoke", [], "behaviour")
-            duration = steady_s + AFTER_S + 2 * 30 * (moves + 3) + 60  # stopped when the moves end
-            scenario.update({"_name": f"update_{preset}_{layout}", "users": 16, "spawn_rate": 16,
-                             "duration": f"{duration}s"})
-            command, locust_env = locust_command(scenario, server.url, reports)
-            locust_env.update({"LOCUST_MODELS": f"{tags['v1']},{tags['v2']}", "LOCUST_TIMELINE": "1"})
-            started = time.time()
-            locust = subprocess.Popen(command, cwd=ROOT, env=locust_env)
-            driven: dict = {}
-            mover = threading.Thread(target=lambda: driven.update(drive(server.url, tags, server, moves, steady_s)))
-            mover.start()
-            mover.join()
-            locust.terminate()  # the moves are done: stop the load (it writes its summary on the way out)
-            locust.wait(timeout=120)
-            summary, _ = locust_results(scenario, reports)
+            yield tags, server
         finally:
             server.stop()
-        seconds = sorted(round(b - a, 2) for a, b in driven["windows"])
-        return gates(summary, driven, tags, started), {"models": summary["models"],
-                                                       "phases": counts(summary, driven, started),
-                                                       "move_seconds": seconds, **driven}
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def under_locust(name: str, server: ServerProcess, reports: Path, duration_s: float, extra_env: dict[str, str],
+                 drive: Callable[[], dict]) -> tuple[dict, dict, float]:
+    """Locust's smoke mix from 16 users (LOCUST_TIMELINE on, `extra_env` added) against `server` while
+    `drive()` runs, stopped when it returns (`duration_s` only bounds it). Returns Locust's summary, what
+    `drive()` returned, and when the load started (epoch seconds)."""
+    scenario = load_scenario(ROOT / "loadtests" / "slo.toml", "smoke", [], "behaviour")
+    scenario.update({"_name": name, "users": 16, "spawn_rate": 16, "duration": f"{int(duration_s)}s"})
+    command, locust_env = locust_command(scenario, server.url, reports)
+    locust_env.update({"LOCUST_TIMELINE": "1", **extra_env})
+    started = time.time()
+    locust = subprocess.Popen(command, cwd=ROOT, env=locust_env)
+    try:
+        driven = drive()
+    finally:
+        locust.terminate()  # done: stop the load (it writes its summary on the way out)
+        locust.wait(timeout=120)
+    summary, _ = locust_results(scenario, reports)
+    return summary, driven, started
+
+
+def run(preset: str, layout: str, moves: int, reports: Path, steady_s: float = STEADY_S) -> tuple[list[Gate], dict]:
+    with serving("update", preset, layout, reports, publish_versions, "v1") as (tags, server):
+        summary, driven, started = under_locust(
+            f"update_{preset}_{layout}", server, reports, steady_s + AFTER_S + 2 * 30 * (moves + 3) + 60,
+            {"LOCUST_MODELS": f"{tags['v1']},{tags['v2']}"}, lambda: drive(server.url, tags, server, moves, steady_s))
+    seconds = sorted(round(b - a, 2) for a, b in driven["windows"])
+    return gates(summary, driven, tags, started), {"models": summary["models"],
+                                                   "phases": counts(summary, driven, started),
+                                                   "move_seconds": seconds, **driven}
 
 
 def main(argv: list[str] | None = None) -> int:

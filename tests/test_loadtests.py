@@ -163,3 +163,11 @@ def test_triton_peer_onnx_export_runs_in_onnxruntime(tmp_path):
     scores, indices = (torch.from_numpy(np.load(out)) for out in outs)
     torch.testing.assert_close(scores, probabilities.topk(5, dim=1).values, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(probabilities.gather(1, indices), scores, rtol=1e-4, atol=1e-6)
+
+
+def test_the_observing_cost_benchmark_runs(run_cli):
+    """`python -m loadtests.observe_cost` (BENCHMARKS.md, "Traces"), briefly: it runs and reports; its
+    figure is the benchmark's, not this test's."""
+    result = run_cli("loadtests.observe_cost", "--requests", "200", timeout=120)
+    assert "median cost of observing a request" in result.stdout
+    assert result.stdout.count("observed") == 3

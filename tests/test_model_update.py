@@ -25,6 +25,7 @@ from service.control.control_dir import ControlDir
 from service.control.follower import VersionFollower
 from service.control.moves import move_all
 from service.core.refusals import Refusal
+from testkit.clients import BackgroundClients
 from testkit.images import shape_png
 from testkit.models import untrained_checkpoint
 from testkit.docs import code_block
@@ -202,21 +203,20 @@ def _move(url: str, tag: str, key: str | None = ADMIN_KEY) -> httpx.Response:
     return httpx.post(f"{url}/admin/model", json={"tag": tag}, headers=headers, timeout=300)
 
 
-class Load:
+class Load(BackgroundClients):
     """Clients sending /classify (several images), /feature_maps and /explain until stopped; every
     answer's status and `model` field kept."""
 
     def __init__(self, url: str, clients: int = 4):
-        self.url, self.answers, self._stop = url, [], threading.Event()
+        super().__init__(url, clients)
         image = base64.b64encode(shape_png(3)).decode()
         self.calls = [("classify", {"images_base64": [image] * 3}), ("feature_maps", {"image_base64": image,
                       "layers": ["conv1"], "format": "stats"}), ("explain", {"image_base64": image})]
-        self._threads = [threading.Thread(target=self._client, args=(i,)) for i in range(clients)]
 
     def _client(self, index: int) -> None:
         with httpx.Client(timeout=60) as client:
             n = index
-            while not self._stop.is_set():
+            while self.running():
                 endpoint, body = self.calls[n % len(self.calls)]
                 response = client.post(f"{self.url}/{endpoint}", json=body)
                 self.answers.append((endpoint, response.status_code, response.json().get("model")))
@@ -227,16 +227,6 @@ class Load:
         start = len(self.answers)
         wait_until(lambda: sum(1 for a in self.answers[start:] if a[1] == 200 and tag in (None, a[2])) >= count,
                    120, what)
-
-    def __enter__(self):
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        for thread in self._threads:
-            thread.join()
 
 
 def _wait_for_workers(url: str, count: int) -> None:

@@ -10,13 +10,13 @@ import json
 import random
 import subprocess
 import sys
-import threading
 
 import httpx
 import pytest
 import torch
 
 from model.checkpoint import load_checkpoint, save_checkpoint
+from testkit.clients import BackgroundClients
 from testkit.docs import code_block
 from testkit.images import shape_png
 from testkit.models import untrained_checkpoint
@@ -89,29 +89,15 @@ def _classify(client: httpx.Client, url: str, image: str, client_id: str | None 
     return client.post(f"{url}/classify", json={"images_base64": [image], "top_k": 3}, headers=headers)
 
 
-class Load:
+class Load(BackgroundClients):
     """Clients sending /classify, each request as one of 64 client ids, until stopped; every answer kept."""
-
-    def __init__(self, url: str, clients: int = 4):
-        self.url, self.answers, self._stop = url, [], threading.Event()
-        self._threads = [threading.Thread(target=self._client, args=(i,)) for i in range(clients)]
 
     def _client(self, index: int) -> None:
         chooser = random.Random(index)
         with httpx.Client(timeout=60) as client:
-            while not self._stop.is_set():
+            while self.running():
                 response = _classify(client, self.url, chooser.choice(IMAGES), f"client-{chooser.randrange(64)}")
                 self.answers.append((response.status_code, response.json().get("model")))
-
-    def __enter__(self):
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        for thread in self._threads:
-            thread.join()
 
 
 def test_a_missing_tampered_or_incompatible_candidate_is_refused_before_anything_changes(candidates, rollout_server):
@@ -187,6 +173,8 @@ def test_the_canary_share_is_as_asked_and_sticky_per_client(candidates, rollout_
         with httpx.Client(timeout=60) as client:
             first = {f"c{i}": _classify(client, url, IMAGES[i % 12], f"c{i}").json()["model"] for i in range(clients)}
             again = {f"c{i}": _classify(client, url, IMAGES[0], f"c{i}").json()["model"] for i in range(0, clients, 5)}
+        move = httpx.post(f"{url}/admin/model", json={"tag": candidates["same"]}, headers=ADMIN, timeout=60)
+        assert move.status_code == 409 and move.json()["error"] == "rollout_in_progress"  # no move under a rollout
     finally:
         _stop(url)
     on_candidate = sum(model == candidates["same"] for model in first.values())
@@ -220,7 +208,8 @@ def test_a_good_candidate_is_promoted_through_shadow_and_canary_with_no_failed_r
     with Load(url) as load:
         wait_until(lambda: len(load.answers) >= 8, 60, "load")
         command = [sys.executable, "-m", "training", "rollout", candidates["same"], "--shadow", "50%",
-                   "--canary", "25%,100%", "--gates", "min_requests=20,max_p99_ratio=1000", "--url", url, "--admin-key", ADMIN_KEY,
+                   "--canary", "25%,100%", "--gates", "min_requests=20,max_p99_ratio=1000", "--url", url,
+                   "--admin-key", ADMIN_KEY,
                    "--poll", "0.2"]
         result = subprocess.run(command, cwd=ROOT, env=cli_env, capture_output=True, text=True, timeout=300)
         after = len(load.answers)

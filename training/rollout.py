@@ -121,8 +121,8 @@ def main(argv: list[str]) -> int:
         if state.get("state") not in ("passed", "promoted"):
             if state.get("state") == "timed_out":
                 service_stop(args.url, service.headers)
-            print(f"rolled back ({state.get('error') or state.get('state')}): {state.get('reason') or state.get('detail')}",
-                  file=sys.stderr)
+            why = state.get("reason") or state.get("detail")
+            print(f"rolled back ({state.get('error') or state.get('state')}): {why}", file=sys.stderr)
             return 1
     print(f"promoted {state.get('candidate')}: every worker serves it")
     return 0

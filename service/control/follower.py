@@ -117,9 +117,9 @@ class VersionFollower:
             self.control.report(self._status(state, error, time.perf_counter() - started))
 
     def watch_release(self, old: Any) -> None:
-        """Remember a version moved away from (or a rollout's candidate dropped), weakly, by what is heavy in it: its predictor. A
-        version without one (the split layout's API workers, which keep recent versions known on
-        purpose, service.runtime.backend.RemoteBackend) is not waited for."""
+        """Remember a version moved away from (or a rollout's candidate dropped), weakly, by what is heavy
+        in it: its predictor. A version without one (the split layout's API workers, which keep recent
+        versions known on purpose, service.runtime.backend.RemoteBackend) is not waited for."""
         heavy = getattr(old, "predictor", None)
         self._released.append(weakref.ref(heavy) if heavy is not None else lambda: None)
         self._settle_by = time.monotonic() + RELEASE_WAIT_S

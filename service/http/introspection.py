@@ -23,6 +23,7 @@ from model.card import model_card
 from model.checkpoint import CheckpointError
 from model.visualize import encode_png, kernel_grid
 from service.control.moves import request_move
+from service.control.rollout import RolloutDir
 from service.core.refusals import Refusal
 from service.core.running import Running
 from service.http.rollouts import rollout_state, start_rollout, stop_rollout
@@ -183,6 +184,10 @@ async def move_model(request: Request) -> Response:
     except (ValueError, KeyError, TypeError):
         return Refusal(400, "invalid_request", 'send {"tag": "<model name>:<version>"}').response()
     expected = service.layout.api_workers + service.layout.model_workers
+    rollout = RolloutDir(service.versions.control).plan()
+    if rollout is not None and rollout.live:  # its promotion or rollback would undo this move
+        return Refusal(409, "rollout_in_progress", f"a rollout of {rollout.candidate} is {rollout.state}: let it "
+                       "end, or stop it (DELETE /admin/rollout), then move").response()
     try:  # one move at a time across the workers; the version checked (not built) before any moves
         result = await anyio.to_thread.run_sync(
             lambda: request_move(service.versions.control, tag, lambda: service.pipeline.backend.current, expected,
