@@ -122,7 +122,8 @@ def main(argv: list[str]) -> int:
             if state.get("state") == "timed_out":
                 service_stop(args.url, service.headers)
             why = state.get("reason") or state.get("detail")
-            print(f"rolled back ({state.get('error') or state.get('state')}): {why}", file=sys.stderr)
+            verb = "refused" if state.get("error") and state.get("state") == "refused" else "rolled back"
+            print(f"{verb} ({state.get('error') or state.get('state')}): {why}", file=sys.stderr)
             return 1
     print(f"promoted {state.get('candidate')}: every worker serves it")
     return 0
