@@ -42,6 +42,8 @@ def train_parser() -> argparse.ArgumentParser:
                         help="side of a square erased from each training image, as a fraction of it (0: none)")
     parser.add_argument("--ema", type=float, default=DEFAULTS.ema,
                         help="evaluate and save a moving average of the weights with this decay (0: the last step's)")
+    parser.add_argument("--mixup", type=float, default=DEFAULTS.mixup,
+                        help="blend each training image with another, weight ~ Beta(alpha, alpha) (0: none)")
     parser.add_argument("--warmup", type=float, default=DEFAULTS.warmup, help="fraction of the run")
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed)
     parser.add_argument("--shapes-per-class", type=int, default=DEFAULTS.shapes_per_class,
@@ -60,7 +62,8 @@ def run_train(argv: list[str]) -> int:
     config = RunConfig(
         data=args.data, preset=args.preset, out=args.out, epochs=args.epochs, time_budget=args.time_budget,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        label_smoothing=args.label_smoothing, cutout=args.cutout, ema=args.ema, warmup=args.warmup, seed=args.seed,
+        label_smoothing=args.label_smoothing, cutout=args.cutout, ema=args.ema, mixup=args.mixup,
+        warmup=args.warmup, seed=args.seed,
         shapes_per_class=args.shapes_per_class, amp=not args.no_amp,
     )
     try:

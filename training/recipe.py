@@ -28,6 +28,7 @@ class RunConfig:
     label_smoothing: float = 0.1
     cutout: float = 0.0  # side of a gray square erased at random from each training image, as a fraction of it
     ema: float = 0.0  # the decay of an exponential moving average of the weights, evaluated and saved (0: none)
+    mixup: float = 0.0  # alpha of mixup's Beta(alpha, alpha) mixing weight (0: none)
     warmup: float = 0.05  # fraction of the run spent ramping the LR up
     seed: int = 0
     shapes_per_class: int = 800
@@ -109,3 +110,16 @@ def weight_average(net: nn.Module, decay: float) -> torch.optim.swa_utils.Averag
         return averaged * rate + current * (1.0 - rate)
 
     return torch.optim.swa_utils.AveragedModel(net, avg_fn=average, use_buffers=True)
+
+
+def mixed(inputs: torch.Tensor, labels: torch.Tensor, alpha: float, generator: torch.Generator):
+    """Mixup (Zhang et al. 2018): each image blended with another of the batch, weight lam ~ Beta(alpha,
+    alpha) for the whole batch; the loss is blended the same way (`mixed_loss`). The network then sees
+    points between the training images, not only on them: a regularizer for small datasets."""
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    order = torch.randperm(len(labels), generator=generator)
+    return lam * inputs + (1 - lam) * inputs[order], labels[order], lam
+
+
+def mixed_loss(criterion, logits: torch.Tensor, labels: torch.Tensor, others: torch.Tensor, lam: float):
+    return lam * criterion(logits, labels) + (1 - lam) * criterion(logits, others)

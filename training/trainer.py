@@ -32,7 +32,7 @@ from model.preprocess import Normalizer
 from training import distributed
 from training.data import Dataset, load_dataset
 from training.evaluate import EvalResult, evaluate, format_agreement, precision_agreement
-from training.recipe import RunConfig, augment, lr_factor, make_optimizer, weight_average
+from training.recipe import RunConfig, augment, lr_factor, make_optimizer, mixed, mixed_loss, weight_average
 from training.state import Run, resume_point, save_training_state
 
 LOG_FILE = "train_log.jsonl"
@@ -182,11 +182,15 @@ def train_step(run: Run, batch_indices: torch.Tensor, lr: float) -> tuple[torch.
     images = augment(train.images[batch_indices], run.augment_rng, run.config.cutout)
     images = images.to(run.ctx.device, non_blocking=True)
     labels = train.labels[batch_indices].to(run.ctx.device, non_blocking=True)
-    inputs = run.normalizer(images).contiguous(memory_format=torch.channels_last)
+    inputs = run.normalizer(images)
+    others, lam = labels, 1.0
+    if run.config.mixup > 0:
+        inputs, others, lam = mixed(inputs, labels, run.config.mixup, run.augment_rng)
+    inputs = inputs.contiguous(memory_format=torch.channels_last)
     dtype = run.autocast_dtype
     with torch.autocast(run.ctx.device.type, dtype=dtype, enabled=dtype is not None):
         logits = run.model(inputs)
-        loss = run.criterion(logits.float(), labels)
+        loss = mixed_loss(run.criterion, logits.float(), labels, others, lam)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     run.optimizer.step()

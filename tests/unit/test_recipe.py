@@ -66,3 +66,18 @@ def test_under_a_time_budget_evaluations_take_at_most_a_tenth_of_it():
     assert evaluation_due(run(240, None, 0, 1), epoch)  # the first: to know what one costs
     # 0.8 s against 3.6 s of training: every third epoch (0.8 / 3 epochs = 7% of the time)
     assert [evaluation_due(run(240, 0.8, 1, e), epoch) for e in (2, 3, 4)] == [False, False, True]
+
+
+def test_mixup_blends_each_image_and_its_label_with_another_of_the_batch():
+    from training.recipe import mixed, mixed_loss
+
+    inputs = torch.arange(4, dtype=torch.float32).view(4, 1).expand(4, 3).contiguous()
+    labels = torch.tensor([0, 1, 2, 3])
+    blended, others, lam = mixed(inputs, labels, 0.2, torch.Generator().manual_seed(0))
+    assert 0.0 <= lam <= 1.0 and sorted(others.tolist()) == [0, 1, 2, 3]
+    partner = others  # the inputs are their own labels here: each row is lam * own + (1 - lam) * partner's
+    assert torch.allclose(blended[:, 0], lam * labels.float() + (1 - lam) * partner.float())
+    criterion = nn.CrossEntropyLoss()
+    logits = torch.randn(4, 4)
+    assert torch.isclose(mixed_loss(criterion, logits, labels, others, lam),
+                         lam * criterion(logits, labels) + (1 - lam) * criterion(logits, others))
