@@ -55,7 +55,8 @@ class ControlDir:
         those of servers that have exited are removed on the way."""
         root = Path(tempfile.gettempdir())
         for stale in root.glob(f"{cls.PREFIX}*"):
-            if stale.name.removeprefix(cls.PREFIX).isdigit() and not _alive(int(stale.name.removeprefix(cls.PREFIX))):
+            pid = stale.name.removeprefix(cls.PREFIX)
+            if pid.isdigit() and not process_alive(int(pid)):
                 shutil.rmtree(stale, ignore_errors=True)
         return cls(cls.for_server(os.getppid()))
 
@@ -124,14 +125,15 @@ class ControlDir:
                 status = WorkerStatus(**json.loads(file.read_text()))
             except (FileNotFoundError, ValueError, TypeError):
                 continue
-            if _alive(status.pid):
+            if process_alive(status.pid):
                 found.append(status)
             else:
                 file.unlink(missing_ok=True)
         return found
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Is there a process `pid` (ours or another user's)?"""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from model.atomic import atomic_write_bytes
-from service.control.control_dir import ControlDir, _alive
+from service.control.control_dir import ControlDir, process_alive
 
 MODES = ("shadow", "canary")
 LIVE = ("running", "passed", "promoting")  # the states in which workers keep the candidate beside
@@ -207,22 +207,16 @@ class RolloutDir:
                 tally = Tally(**json.loads(file.read_text()))
             except (FileNotFoundError, ValueError, TypeError):
                 continue
-            if not _alive(tally.pid):
+            if not process_alive(tally.pid):
                 file.unlink(missing_ok=True)
             elif tally.rollout == plan.id and tally.stage == plan.stage:
                 found.append(tally)
         return found
 
-    @contextlib.contextmanager
     def exclusive(self):
         """The plan's lock, waited for: the admin calls change the plan under it, and the judge judges
-        under it, so a decision never overwrites a stage started meanwhile."""
-        with open(self.path / "rollout.lock", "a+") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        under it (`judges_turn`, the same file), so a decision never overwrites a stage started meanwhile."""
+        return self.control.taking_turns("rollout")
 
     @contextlib.contextmanager
     def judges_turn(self):
