@@ -119,14 +119,19 @@ class ControlDir:
 
     def statuses(self) -> list[WorkerStatus]:
         """The live workers' reports (a killed worker's file is ignored, and removed)."""
+        return self.live_reports("worker-*.json", WorkerStatus)
+
+    def live_reports(self, pattern: str, kind: type) -> list:
+        """The JSON files matching `pattern`, each as `kind(**fields)` (which has a `pid`), of live processes
+        only: a dead process's file is removed; one being replaced or unreadable is skipped."""
         found = []
-        for file in sorted(self.path.glob("worker-*.json")):
+        for file in sorted(self.path.glob(pattern)):
             try:
-                status = WorkerStatus(**json.loads(file.read_text()))
+                report = kind(**json.loads(file.read_text()))
             except (FileNotFoundError, ValueError, TypeError):
                 continue
-            if process_alive(status.pid):
-                found.append(status)
+            if process_alive(report.pid):
+                found.append(report)
             else:
                 file.unlink(missing_ok=True)
         return found

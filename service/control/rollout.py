@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from model.atomic import atomic_write_bytes
-from service.control.control_dir import ControlDir, process_alive
+from service.control.control_dir import ControlDir
 
 MODES = ("shadow", "canary")
 LIVE = ("running", "passed", "promoting")  # the states in which workers keep the candidate beside
@@ -201,17 +201,8 @@ class RolloutDir:
 
     def tallies(self, plan: Plan) -> list[Tally]:
         """The live workers' tallies of the plan's current stage."""
-        found = []
-        for file in sorted(self.path.glob("rollout-*.json")):
-            try:
-                tally = Tally(**json.loads(file.read_text()))
-            except (FileNotFoundError, ValueError, TypeError):
-                continue
-            if not process_alive(tally.pid):
-                file.unlink(missing_ok=True)
-            elif tally.rollout == plan.id and tally.stage == plan.stage:
-                found.append(tally)
-        return found
+        return [tally for tally in self.control.live_reports("rollout-*.json", Tally)
+                if tally.rollout == plan.id and tally.stage == plan.stage]
 
     def exclusive(self):
         """The plan's lock, waited for: the admin calls change the plan under it, and the judge judges
