@@ -79,6 +79,17 @@ class _Versions:
     def install(self, version: ModelVersion) -> None:
         self.current = version  # one assignment: requests see the old version or the new, never half
 
+    batcher: Batcher  # the served version's
+    candidate_batchers: dict[str, Batcher]  # a rollout's candidate's: "canary" and "shadow"
+
+    async def predict(self, images: np.ndarray, role: str = "served") -> Predictions:
+        """Probabilities (k, C) and embeddings (k, D) for uint8 images (k, S, S, 3), batched with others;
+        by a rollout's candidate for `role` canary or shadow. The batch carries the version that computed
+        it (no request's pinned version is kept by the batcher's task)."""
+        batcher = self.batcher if role == "served" else self.candidate_batchers[role]
+        with _unpinned():
+            return _handed_over(await batcher.submit(images))
+
 
 @dataclass
 class ExplainResult:
@@ -138,20 +149,22 @@ class LocalBackend(_Versions):
         self._control = control  # where the machine's workers take turns (None: this worker alone)
 
     async def _forward(self, batch: np.ndarray) -> _Batch:
-        version = self.current  # a batch runs on one version, whatever is swapped in meanwhile
+        return await self._run(self.current, batch)  # a batch runs on one version, whatever is swapped in meanwhile
+
+    @staticmethod
+    async def _run(version: ModelVersion, batch: np.ndarray, executor=None) -> _Batch:
         pixels = torch.from_numpy(batch).permute(0, 3, 1, 2)  # NHWC -> NCHW, channels-last in memory
-        return _Batch(await anyio.to_thread.run_sync(version.predictor.predict, pixels), version)
+        if executor is None:
+            return _Batch(await anyio.to_thread.run_sync(version.predictor.predict, pixels), version)
+        return _Batch(await asyncio.get_running_loop().run_in_executor(executor, version.predictor.predict, pixels),
+                      version)
 
     async def _forward_candidate(self, batch: np.ndarray) -> _Batch:
-        version = self.candidate or self.current  # dropped meanwhile: the caller sees which version it was
-        pixels = torch.from_numpy(batch).permute(0, 3, 1, 2)
-        return _Batch(await anyio.to_thread.run_sync(version.predictor.predict, pixels), version)
+        # dropped meanwhile: the served version computes it, and the answer says so
+        return await self._run(self.candidate or self.current, batch)
 
     async def _forward_shadow(self, batch: np.ndarray) -> _Batch:
-        version = self.candidate or self.current
-        pixels = torch.from_numpy(batch).permute(0, 3, 1, 2)
-        output = await asyncio.get_running_loop().run_in_executor(self._background, version.predictor.predict, pixels)
-        return _Batch(output, version)
+        return await self._run(self.candidate or self.current, batch, self._background)
 
     def hold_candidate(self, version: ModelVersion | None) -> None:
         self.candidate = version
@@ -167,15 +180,6 @@ class LocalBackend(_Versions):
 
     def _observed(self, images: int, result: _Batch) -> None:
         self._observe(images, result.output.forward_seconds)
-
-    async def predict(self, images: np.ndarray, role: str = "served") -> Predictions:
-        """Probabilities (k, C) and embeddings (k, D) for uint8 images (k, S, S, 3), batched with others;
-        by a rollout's candidate for `role` canary or shadow."""
-        with _unpinned():  # the batch carries its own version
-            return _handed_over(await self._batcher_for(role).submit(images))
-
-    def _batcher_for(self, role: str) -> Batcher:
-        return self.batcher if role == "served" else self.candidate_batchers[role]
 
     async def activations(self, image: np.ndarray, layers: list[str], stage: str) -> tuple[dict, ModelVersion]:
         version = self.version()
@@ -286,11 +290,6 @@ class RemoteBackend(_Versions):
 
     def _observed(self, images: int, out: np.ndarray) -> None:
         self._observe(images, float(out[:, -2].sum()))
-
-    async def predict(self, images: np.ndarray, role: str = "served") -> Predictions:
-        with _unpinned():  # the model service's answer says which version computed it
-            batcher = self.batcher if role == "served" else self.candidate_batchers[role]
-            return _handed_over(await batcher.submit(images))
 
     async def activations(self, image: np.ndarray, layers: list[str], stage: str) -> tuple[dict, ModelVersion]:
         """`layers` come checked by the endpoint (typed errors cannot cross processes)."""
