@@ -27,6 +27,11 @@ def test_round_trip_gives_identical_outputs(saved):
     checkpoint = load_checkpoint(path)
     x = torch.randn(3, 3, 64, 64)
     torch.testing.assert_close(checkpoint.model(x), model(x), rtol=0, atol=0)
+    # Built on the meta device and given the file's tensors: every one real, as a fresh network's.
+    loaded = checkpoint.model.state_dict()
+    for name, tensor in model.state_dict().items():
+        assert (loaded[name].device, loaded[name].dtype) == (tensor.device, tensor.dtype), name
+    assert all(p.requires_grad for p in checkpoint.model.parameters())
     manifest = checkpoint.manifest
     assert manifest.class_names == CLASSES
     assert manifest.preset == "small"
