@@ -53,6 +53,11 @@ class ModelConfig:
     fc_widths: tuple[int, ...] = (4096, 4096)
     in_channels: int = 3
     dropout: float = 0.5
+    # Test-time flip: answer with the mean of the logits of the image and of its mirror image. A
+    # net trained on flipped copies is nearly, not exactly, mirror-symmetric; averaging the two
+    # views cancels part of its error for twice the forward cost. Evaluation and serving both do
+    # it (model.network.with_mirror_images), so the accuracy a checkpoint records is what it serves.
+    test_time_flip: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -181,6 +186,7 @@ CIFAR = ModelConfig(
     ),
     fc_widths=(256, 256),
     dropout=0.1,
+    test_time_flip=True,  # +0.5 point top-1 on the CIFAR-10 subset, a 32x32 forward is cheap (docs/training.md)
 )
 
 IMAGENET_PREPROCESSING = Preprocessing(input_size=224, resize_size=256)

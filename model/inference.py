@@ -30,7 +30,7 @@ import torch
 from model import precision as precisions
 from model.attribution import Attribution, AttributionRequest, attribute
 from model.checkpoint import Checkpoint
-from model.network import STAGES
+from model.network import STAGES, mean_over_mirrors, with_mirror_images
 from model.optimize import inference_model
 from model.preprocess import Normalizer
 
@@ -82,15 +82,22 @@ class Predictor:
 
     @torch.inference_mode()
     def predict(self, images: torch.Tensor) -> BatchOutput:
-        """Class probabilities and penultimate-layer embeddings in one forward pass."""
+        """Class probabilities and penultimate-layer embeddings in one forward pass (of the images and
+        their mirror images, averaged, for a model with `test_time_flip`)."""
         model = self.model
+        flip = model.config.test_time_flip
         with self._lock:
             start = time.perf_counter()
+            pixels = self._pixels(images)
             outputs = model.extract(
-                self._pixels(images), {model.embedding_layer: "post_relu", model.logits_layer: "post_relu"}
+                with_mirror_images(pixels) if flip else pixels,
+                {model.embedding_layer: "post_relu", model.logits_layer: "post_relu"},
             )
-            probabilities = outputs[model.logits_layer].float().softmax(dim=1).cpu()
-            embeddings = outputs[model.embedding_layer].float().cpu()  # .cpu() waits for the GPU
+            logits, embeddings = outputs[model.logits_layer].float(), outputs[model.embedding_layer].float()
+            if flip:
+                logits, embeddings = mean_over_mirrors(logits), mean_over_mirrors(embeddings)
+            probabilities = logits.softmax(dim=1).cpu()
+            embeddings = embeddings.cpu()  # .cpu() waits for the GPU
             seconds = time.perf_counter() - start
         return BatchOutput(probabilities, embeddings, seconds)
 

@@ -170,5 +170,17 @@ class AlexNet(nn.Sequential):
         return found
 
 
+def with_mirror_images(x: torch.Tensor) -> torch.Tensor:
+    """The (N, C, H, W) batch followed by its N horizontal mirror images: the two views of a test-time
+    flip (ModelConfig.test_time_flip). The memory format (channels-last) is kept."""
+    return torch.cat([x, x.flip(-1)])
+
+
+def mean_over_mirrors(outputs: torch.Tensor) -> torch.Tensor:
+    """The (2N, ...) outputs of `with_mirror_images(x)` -> (N, ...): each image's mean with its mirror's."""
+    half = len(outputs) // 2
+    return (outputs[:half] + outputs[half:]) / 2
+
+
 def build_model(config: ModelConfig) -> AlexNet:
     return AlexNet(config)

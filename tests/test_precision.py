@@ -150,3 +150,53 @@ def test_training_records_agreement_and_auto_follows_it(tiny_run, run_cli):
     assert served.name == ("bf16" if native and meets_target else "fp32"), served
     result = run_cli("training", "evaluate", str(tiny_run), "--data", "shapes", "--shapes-per-class", "96")
     assert f"bf16: top-1 agrees with fp32 on {bf16['top1_agreement']:.2%} of 288 images" in result.stdout
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_test_time_flip_answers_the_mean_of_the_image_and_its_mirror(dtype):
+    """The cifar preset serves with a test-time flip: its answer (probabilities and embedding) is the
+    same for an image and for its mirror image, and equals the softmax of the two views' mean logits,
+    which the evaluation that records the checkpoint's accuracy computes too."""
+    from training.data import Split
+    from training.evaluate import evaluate
+
+    if dtype == "bf16" and "bf16" not in precision.native_precisions(CPU):
+        pytest.skip("this CPU does not compute bf16 natively")
+    checkpoint = _random_checkpoint("cifar")
+    assert checkpoint.model.config.test_time_flip
+    with torch.no_grad():  # an untrained net's logits are its biases; without them they follow the image
+        for name, layer in checkpoint.model.named_layers.items():
+            if layer.kind == "fc":
+                getattr(checkpoint.model, name).bias.zero_()
+        getattr(checkpoint.model, checkpoint.model.logits_layer).weight.mul_(20)
+    predictor = Predictor(checkpoint, CPU, dtype)
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    images[:, :, :, :12] //= 4  # a dark left side: an image unlike its mirror
+    out, mirrored = predictor.predict(images), predictor.predict(images.flip(-1))
+    tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == "fp32" else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(out.probabilities, mirrored.probabilities, **tolerance)
+    torch.testing.assert_close(out.embeddings, mirrored.embeddings, **tolerance)
+
+    inputs = Normalizer(checkpoint.manifest.preprocessing)(images)
+    with torch.no_grad():
+        views = checkpoint.model(inputs), checkpoint.model(inputs.flip(-1))
+    mean_logits = (views[0] + views[1]) / 2
+    torch.testing.assert_close(out.probabilities, mean_logits.softmax(1), **tolerance)
+    if dtype == "fp32":  # the two views differ by far more than the tolerance: the mean is no single view
+        assert (out.probabilities - views[0].softmax(1)).abs().max() > 50 * tolerance["atol"]
+
+    labels = mean_logits.argmax(1)
+    result = evaluate(checkpoint.model, Split(images, labels), Normalizer(checkpoint.manifest.preprocessing), 10, CPU)
+    assert result.top1 == 1.0  # scored on the mean of the two views, as served
+    expected_loss = torch.nn.functional.cross_entropy(mean_logits, labels).item()
+    assert result.loss == pytest.approx(expected_loss, rel=1e-4)
+
+
+def test_a_model_without_test_time_flip_answers_its_single_view():
+    checkpoint = _random_checkpoint("small")
+    assert not checkpoint.model.config.test_time_flip
+    predictor = Predictor(checkpoint, CPU, "fp32")
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        logits = checkpoint.model(Normalizer(checkpoint.manifest.preprocessing)(images))
+    torch.testing.assert_close(predictor.predict(images).probabilities, logits.softmax(1), atol=1e-5, rtol=1e-5)

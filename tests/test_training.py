@@ -265,7 +265,7 @@ def test_the_own_photos_walkthrough_runs_as_written(run_cli, cli_env, tmp_path):
                 image.rename(flat / folder.name / f"{split}-{image.name}")
             folder.rmdir()
         (flat / split).rmdir()
-    block = code_block("bash", "--data my_photos").replace("--time-budget 240", "--time-budget 4")
+    block = code_block("bash", "--data my_photos").replace("\\\n", " ").replace("--time-budget 240", "--time-budget 4")
     commands = [line.split("#")[0].strip() for line in block.splitlines() if line.startswith("python -m training")]
     assert len(commands) == 4
     for command in commands:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from model.network import AlexNet, mean_over_mirrors, with_mirror_images
 from model.preprocess import Normalizer
 from training.data import Split
 
@@ -26,7 +27,7 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module,
+    model: AlexNet,
     split: Split,
     normalizer: Normalizer,
     num_classes: int,
@@ -44,7 +45,10 @@ def evaluate(
         images = split.images[start : start + batch_size].to(device, non_blocking=True)
         labels = split.labels[start : start + batch_size].to(device, non_blocking=True)
         inputs = normalizer(images).contiguous(memory_format=torch.channels_last)
-        logits = model(inputs).float()
+        if model.config.test_time_flip:  # as the service answers (model.inference.Predictor.predict)
+            logits = mean_over_mirrors(model(with_mirror_images(inputs)).float())
+        else:
+            logits = model(inputs).float()
         loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
         top = logits.topk(k, dim=1).indices
         top5_hits += (top == labels[:, None]).any(dim=1).sum().item()
