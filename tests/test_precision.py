@@ -164,7 +164,7 @@ def test_test_time_flip_answers_the_mean_of_the_image_and_its_mirror(dtype):
         pytest.skip("this CPU does not compute bf16 natively")
     checkpoint = _random_checkpoint("cifar")
     assert checkpoint.model.config.test_time_flip
-    with torch.no_grad():  # an untrained net's logits are its biases; without them they follow the image
+    with torch.no_grad():  # an untrained net's logits are mostly its biases; without them they follow the image
         for name, layer in checkpoint.model.named_layers.items():
             if layer.kind == "fc":
                 getattr(checkpoint.model, name).bias.zero_()
