@@ -1,4 +1,4 @@
-"""torchrun support: read its environment, pick a device and a backend.
+"""torchrun support: read its environment, pick a device and a backend, set the process up for it.
 
 Run on one process as usual, or on N with
     torchrun --nproc-per-node N -m training ...
@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from model.inference import configure_cpu_allocator
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,10 @@ def setup() -> Context:
         # Processes on one machine share its cores; oversubscribing them is slower.
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        # A step allocates and frees the same activation maps (up to 16 MB a map) again and again:
+        # kept in the process instead of handed back to the OS, they cost no page faults the next
+        # time. 18% more images/s for the cifar preset on 2 cores (median of 3; docs/training.md).
+        configure_cpu_allocator()
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return Context(rank, local_rank, world_size, device)
