@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from model.inference import configure_cpu_allocator
+from model.inference import configure_cpu_threads
 
 
 @dataclass(frozen=True)
@@ -45,11 +45,11 @@ def setup() -> Context:
         device = torch.device("cpu")
         # Processes on one machine share its cores; oversubscribing them is slower.
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-        # A step allocates and frees the same activation maps (up to 16 MB a map) again and again:
-        # kept in the process instead of handed back to the OS, they cost no page faults the next
-        # time. 18% more images/s for the cifar preset on 2 cores (median of 3; docs/training.md).
-        configure_cpu_allocator()
+        # The service's CPU set-up, with this process's share of the cores: it also keeps freed
+        # activation maps (up to 16 MB a map, made and dropped every step) in the process, so the
+        # next step costs no page faults: 18% more images/s for the cifar preset on 2 cores
+        # (median of 3; docs/training.md).
+        configure_cpu_threads(max(1, (os.cpu_count() or 1) // local_world))
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return Context(rank, local_rank, world_size, device)
