@@ -33,7 +33,8 @@ def faults_per_step(setup: bool) -> float:
 
 def test_a_training_process_reuses_freed_activation_memory_instead_of_faulting_it_in_again():
     """glibc hands blocks this large back to the OS on free, so each step would touch fresh pages (a
-    fault per 4 KiB); the trainer keeps them (model.inference.configure_cpu_threads -> configure_cpu_allocator). Measured here:
-    10,600-15,600 faults a step without, 800-3,300 with (the six maps are 24,576 pages)."""
+    fault per 4 KiB); the trainer keeps them (model.inference.configure_cpu_threads, which calls
+    configure_cpu_allocator). Measured here: 10,600-15,600 faults a step without, 800-3,300 with (the six
+    maps are 24,576 pages)."""
     plain, kept = faults_per_step(setup=False), faults_per_step(setup=True)
     assert kept * 2 < plain, (kept, plain)
